@@ -1,0 +1,2 @@
+"""ganprint."""
+__version__ = "0.1.0"

@@ -1,0 +1,243 @@
+"""Self-describing artifacts: tensors in safetensors, tables in parquet, shared provenance.
+
+An artifact is addressed by a *base* path ``X`` and stored as two files:
+
+- ``X.safetensors``: named tensors (e.g. ``embeddings`` float32 [N, D]); the provenance JSON
+  is in the safetensors metadata under ``ganprint``.
+- ``X.parquet``: a table (e.g. the manifest, row i describes tensor row i); the same provenance
+  JSON is in the parquet schema metadata under ``ganprint``.
+
+Both files carry ``pair_id``, a digest of the tensor bytes, so a reader refuses a parquet file
+that belongs to another tensor file.  Writes are atomic: both files are written to temporary
+names in the destination folder and renamed only when both are complete, so a failure never
+leaves a half-written artifact behind.
+
+Provenance (a JSON object) always holds ``ganprint_version``, ``kind`` and ``stage``; stages add
+what they know (backbone, weights digest, preprocessing, inputs' content hash, seed, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ganprint import __version__
+from ganprint.errors import ArtifactError
+
+META_KEY = "ganprint"
+TENSOR_SUFFIX = ".safetensors"
+TABLE_SUFFIX = ".parquet"
+_KNOWN_SUFFIXES = (TENSOR_SUFFIX, TABLE_SUFFIX)
+
+
+def artifact_base(path: str | os.PathLike) -> Path:
+    """``emb``, ``emb.safetensors`` and ``emb.parquet`` all name the artifact ``emb``."""
+    p = Path(path)
+    if p.suffix in _KNOWN_SUFFIXES:
+        return p.with_suffix("")
+    return p
+
+
+def artifact_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    base = artifact_base(path)
+    return Path(str(base) + TENSOR_SUFFIX), Path(str(base) + TABLE_SUFFIX)
+
+
+def resolve_artifact_arg(arg: str, stdin=None) -> Path:
+    """Turn a CLI argument into an artifact base; ``-`` reads one path from stdin.
+
+    Stages print the base path of what they wrote on stdout, so
+    ``ganprint embed ... | ganprint simmatrix - ...`` chains.
+    """
+    if arg == "-":
+        stream = stdin if stdin is not None else sys.stdin
+        lines = [ln.strip() for ln in stream.read().splitlines() if ln.strip()]
+        if not lines:
+            raise ArtifactError("stdin: expected an artifact path, got nothing; pipe the output of a ganprint stage")
+        arg = lines[-1]
+    return artifact_base(arg)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest_json(obj: Any) -> str:
+    """Stable digest of a JSON-able object (sorted keys)."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+
+def base_provenance(kind: str, stage: str, **extra: Any) -> dict[str, Any]:
+    prov: dict[str, Any] = {"ganprint_version": __version__, "kind": kind, "stage": stage}
+    prov.update(extra)
+    return prov
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact. ``tensors`` values are torch tensors (CPU); ``table`` is a DataFrame."""
+
+    base: Path
+    tensors: dict[str, Any]
+    table: Any  # pandas.DataFrame | None
+    provenance: dict[str, Any]
+    table_meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.provenance.get("kind", "?")
+
+    def tensor(self, name: str):
+        if name not in self.tensors:
+            raise ArtifactError(
+                f"{self.base}{TENSOR_SUFFIX}: no tensor named '{name}' (has {sorted(self.tensors)}); "
+                "pass an artifact of the right kind"
+            )
+        return self.tensors[name]
+
+
+def _tensor_digest(tensors: Mapping[str, Any]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().cpu().numpy().tobytes() if hasattr(t, "numpy") else bytes(t))
+    return h.hexdigest()
+
+
+def write_artifact(
+    path: str | os.PathLike,
+    tensors: Mapping[str, Any],
+    table: Any,
+    provenance: Mapping[str, Any],
+    table_meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``tensors`` (name -> torch tensor) and ``table`` (DataFrame or None) atomically.
+
+    ``table_meta`` is extra JSON stored only in the parquet metadata (e.g. skipped files).
+    Returns the artifact base path.
+    """
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from safetensors.torch import save_file
+
+    base = artifact_base(path)
+    tpath, ppath = artifact_paths(base)
+    folder = tpath.parent if str(tpath.parent) else Path(".")
+    if not folder.exists():
+        raise ArtifactError(f"{folder}: output folder does not exist; create it or choose another --out")
+    if not os.access(folder, os.W_OK):
+        raise ArtifactError(f"{folder}: output folder is not writable; choose another --out")
+
+    tensors = {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)).contiguous().cpu()
+               for k, v in tensors.items()}
+    prov = dict(provenance)
+    prov["pair_id"] = _tensor_digest(tensors)
+    prov_json = json.dumps(prov, sort_keys=True)
+    if table is None:
+        table = pd.DataFrame()
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    meta = dict(arrow.schema.metadata or {})
+    meta[META_KEY.encode()] = prov_json.encode()
+    meta[b"ganprint_table"] = json.dumps(dict(table_meta or {}), sort_keys=True).encode()
+    arrow = arrow.replace_schema_metadata(meta)
+
+    tmp_files: list[str] = []
+    try:
+        fd, t_tmp = tempfile.mkstemp(prefix=f".{tpath.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        tmp_files.append(t_tmp)
+        save_file(tensors, t_tmp, metadata={META_KEY: prov_json})
+        fd, p_tmp = tempfile.mkstemp(prefix=f".{ppath.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        tmp_files.append(p_tmp)
+        pq.write_table(arrow, p_tmp)
+        # parquet first: a reader that finds the tensor file finds a matching table too
+        os.replace(p_tmp, ppath)
+        os.replace(t_tmp, tpath)
+        tmp_files.clear()
+    except OSError as exc:
+        raise ArtifactError(f"{base}: cannot write artifact ({exc.strerror or exc}); choose another --out") from exc
+    finally:
+        for f in tmp_files:
+            try:
+                os.unlink(f)
+            except OSError:
+                pass
+    return base
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """Provenance from the safetensors header only (cheap: no tensor data is read)."""
+    from safetensors import safe_open
+
+    tpath, _ = artifact_paths(path)
+    if not tpath.exists():
+        raise ArtifactError(f"{tpath}: artifact not found; run the stage that writes it or check the path")
+    try:
+        with safe_open(str(tpath), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types
+        raise ArtifactError(f"{tpath}: not a valid safetensors file ({exc}); re-run the stage that wrote it") from exc
+    if META_KEY not in meta:
+        raise ArtifactError(f"{tpath}: no ganprint provenance; only artifacts written by ganprint are accepted")
+    return json.loads(meta[META_KEY])
+
+
+def read_artifact(path: str | os.PathLike, kind: str | None = None, with_table: bool = True) -> Artifact:
+    """Load and validate an artifact; ``kind`` (e.g. ``"embeddings"``) is checked when given."""
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    base = artifact_base(path)
+    tpath, ppath = artifact_paths(base)
+    prov = read_provenance(base)
+    if kind is not None and prov.get("kind") != kind:
+        raise ArtifactError(
+            f"{tpath}: is a '{prov.get('kind')}' artifact, expected '{kind}'; pass the output of the right stage"
+        )
+    try:
+        tensors = load_file(str(tpath))
+    except Exception as exc:
+        raise ArtifactError(f"{tpath}: cannot read tensors ({exc}); re-run the stage that wrote it") from exc
+    if _tensor_digest(tensors) != prov.get("pair_id"):
+        raise ArtifactError(f"{tpath}: tensor data does not match its provenance (corrupt?); re-run the stage")
+    table = None
+    table_meta: dict[str, Any] = {}
+    if with_table:
+        if not ppath.exists():
+            raise ArtifactError(f"{ppath}: table missing next to {tpath.name}; re-run the stage that wrote it")
+        try:
+            pf = pq.read_table(str(ppath))
+        except Exception as exc:
+            raise ArtifactError(f"{ppath}: not a valid parquet file ({exc}); re-run the stage") from exc
+        meta = pf.schema.metadata or {}
+        pprov = json.loads(meta.get(META_KEY.encode(), b"{}"))
+        if pprov.get("pair_id") != prov.get("pair_id"):
+            raise ArtifactError(
+                f"{ppath}: belongs to a different run than {tpath.name}; re-run the stage to rewrite both"
+            )
+        table_meta = json.loads(meta.get(b"ganprint_table", b"{}"))
+        table = pf.to_pandas()
+        rows = prov.get("rows")
+        if rows is not None and len(table) != rows:
+            raise ArtifactError(f"{ppath}: has {len(table)} rows, provenance says {rows}; re-run the stage")
+    return Artifact(base=base, tensors=tensors, table=table, provenance=prov, table_meta=table_meta)

@@ -1,0 +1,269 @@
+"""``embed`` stage: images -> feature vectors [N, D] + manifest, as an embeddings artifact.
+
+Decoding runs in DataLoader workers so it overlaps the model's forward pass; the model runs
+under ``inference_mode``, CNNs in channels_last, AMP on CUDA.  The artifact's ``cache_key`` is a
+digest of the inputs' content hashes, the backbone, its weights digest, the preprocessing and the
+checkpoint, so re-running with identical inputs reuses the artifact instead of recomputing.
+
+Manifest (parquet), row i <-> embeddings row i:
+``row, image_id, path, relpath, subset, split, label, sha256, width, height``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ganprint.artifacts import (
+    artifact_paths,
+    base_provenance,
+    digest_json,
+    read_provenance,
+    sha256_file,
+    write_artifact,
+)
+from ganprint.data import ImageRecord, decode_image, discover
+from ganprint.errors import ArtifactError, BadImageError, GanprintError
+
+EMBED_FORMAT = 1  # bump when the embedding computation changes, to invalidate cached artifacts
+
+
+class _ImageDataset:
+    """Item i -> (tensor [C, S, S] or None, i, width, height, error or None)."""
+
+    def __init__(self, records: list[ImageRecord], preprocess) -> None:
+        self.records = records
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        rec = self.records[i]
+        try:
+            with open(rec.path, "rb") as fh:
+                data = fh.read()
+            arr = decode_image(data, rec.path)
+            return self.preprocess(arr), i, int(arr.shape[1]), int(arr.shape[0]), None
+        except BadImageError as exc:
+            return None, i, 0, 0, exc.reason
+        except OSError as exc:
+            return None, i, 0, 0, f"cannot read file ({exc.strerror})"
+
+
+def _collate(items):
+    import torch
+
+    good = [it for it in items if it[0] is not None]
+    bad = [(it[1], it[4]) for it in items if it[0] is None]
+    x = torch.stack([it[0] for it in good]) if good else None
+    meta = [(it[1], it[2], it[3]) for it in good]
+    return x, meta, bad
+
+
+def _worker_init(_: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def default_workers() -> int:
+    n = os.cpu_count() or 1
+    return max(0, min(4, n - 1))
+
+
+def hash_records(records: list[ImageRecord]) -> list[str]:
+    """sha256 of each file's bytes (threads: hashing releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        return list(pool.map(lambda r: sha256_file(r.path), records))
+
+
+def inputs_digest(records: list[ImageRecord], hashes: list[str]) -> str:
+    return digest_json([[r.relpath, r.subset, h] for r, h in zip(records, hashes)])
+
+
+@dataclass
+class EmbedOutcome:
+    base: Path
+    reused: bool
+    rows: int
+    dim: int
+    skipped: list[dict]
+    seconds: float
+    images_per_s: float
+    provenance: dict[str, Any]
+
+
+def extract_features(
+    model,
+    records: list[ImageRecord],
+    preprocess,
+    device,
+    batch_size: int = 32,
+    workers: int = 0,
+    channels_last: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+):
+    """Run ``model`` over ``records``. Returns (features float32 [M, D] on CPU, kept indices,
+    sizes {i: (w, h)}, bad {i: reason}); M = images that decoded."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ganprint.device import autocast_context
+
+    ds = _ImageDataset(records, preprocess)
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if workers > 0 else None,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    feats: list[Any] = []
+    kept: list[int] = []
+    sizes: dict[int, tuple[int, int]] = {}
+    bad: dict[int, str] = {}
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    with torch.inference_mode(), autocast_context(device):
+        for x, meta, errs in loader:
+            for i, reason in errs:
+                bad[i] = reason
+            if x is not None:
+                x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                f = model(x).float().cpu()
+                feats.append(f)
+                for i, w, h in meta:
+                    kept.append(i)
+                    sizes[i] = (w, h)
+            if on_batch is not None:
+                on_batch((0 if x is None else x.shape[0]) + len(errs))
+    out = torch.cat(feats) if feats else torch.zeros(0, 0)
+    return out, kept, sizes, bad
+
+
+def run_embed(
+    inputs: list[str],
+    out: str | os.PathLike,
+    backbone: str = "efficientnet_lite0",
+    weights: str | None = None,
+    image_size: int | None = None,
+    checkpoint: str | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    force: bool = False,
+    stdin=None,
+    progress: bool = True,
+) -> EmbedOutcome:
+    """Embed ``inputs`` (folders / files / ``-``) and write the artifact ``out``."""
+    import torch
+
+    from ganprint.backbones import load_backbone
+    from ganprint.device import resolve_device
+
+    t0 = time.perf_counter()
+    if batch_size < 1:
+        raise GanprintError(f"--batch-size {batch_size}: must be at least 1")
+    tpath, _ = artifact_paths(out)
+    folder = tpath.parent
+    if not folder.exists():
+        raise GanprintError(f"{folder}: output folder does not exist; create it or choose another --out")
+    if not os.access(folder, os.W_OK):
+        raise GanprintError(f"{folder}: output folder is not writable; choose another --out")
+    records, skipped = discover(list(inputs), stdin=stdin, skip_bad=skip_bad)
+    dev = resolve_device(device)
+    hashes = hash_records(records)
+    loaded = load_backbone(backbone, weights, image_size)
+    model = loaded.model
+    ckpt_prov: dict[str, Any] | None = None
+    if checkpoint is not None:
+        from ganprint.checkpoint import apply_checkpoint  # provided by the train stage
+
+        model, ckpt_prov = apply_checkpoint(loaded, checkpoint)
+    bprov = loaded.provenance()
+    if ckpt_prov is not None:
+        bprov["dim"] = ckpt_prov.get("dim", bprov["dim"])
+    key = digest_json({
+        "format": EMBED_FORMAT,
+        "inputs": inputs_digest(records, hashes),
+        "backbone": bprov,
+        "checkpoint": ckpt_prov,
+        "skip_bad": skip_bad,
+    })
+    if not force and tpath.exists():
+        try:
+            old = read_provenance(out)
+        except ArtifactError:
+            old = {}
+        if old.get("cache_key") == key:
+            return EmbedOutcome(Path(str(tpath)[: -len(".safetensors")]), True, int(old.get("rows", 0)),
+                                int(old.get("dim", 0)), [], time.perf_counter() - t0, 0.0, old)
+
+    nworkers = default_workers() if workers is None else max(0, workers)
+    model = model.to(dev)
+    channels_last = loaded.spec.channels_last and dev.type != "mps"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    t_run = time.perf_counter()
+    if progress:
+        from ganprint.progress import make_progress
+
+        bar = make_progress(f"embed ({backbone})")
+        with bar:
+            task = bar.add_task("embed", total=len(records))
+            feats, kept, sizes, bad = extract_features(
+                model, records, loaded.preprocess, dev, batch_size, nworkers, channels_last,
+                on_batch=lambda n: bar.advance(task, n))
+    else:
+        feats, kept, sizes, bad = extract_features(model, records, loaded.preprocess, dev, batch_size,
+                                                   nworkers, channels_last)
+    elapsed = time.perf_counter() - t_run
+    if bad:
+        first = min(bad)
+        if not skip_bad:
+            raise BadImageError(records[first].path, bad[first])
+        for i in sorted(bad):
+            skipped.append({"path": records[i].path, "reason": bad[i]})
+    if not kept:
+        raise GanprintError("no image could be decoded; check the inputs")
+
+    import pandas as pd
+
+    rows = []
+    for row, i in enumerate(kept):
+        r = records[i]
+        w, h = sizes[i]
+        rows.append({
+            "row": row, "image_id": r.image_id, "path": r.path, "relpath": r.relpath,
+            "subset": r.subset, "split": r.split, "label": r.label, "sha256": hashes[i],
+            "width": w, "height": h,
+        })
+    table = pd.DataFrame(rows)
+    table["label"] = table["label"].astype("Int8")
+    kept_records = [records[i] for i in kept]
+    prov = base_provenance(
+        "embeddings", "embed",
+        **bprov,
+        checkpoint=ckpt_prov,
+        inputs_hash=inputs_digest(kept_records, [hashes[i] for i in kept]),
+        rows=len(kept),
+        seed=0,
+        device=dev.type,
+        cache_key=key,
+        skipped=len(skipped),
+        subsets=sorted({str(r.subset) for r in kept_records}),
+    )
+    prov["dim"] = int(feats.shape[1])
+    base = write_artifact(out, {"embeddings": feats.contiguous()}, table, prov, table_meta={"skipped": skipped})
+    return EmbedOutcome(base, False, len(kept), int(feats.shape[1]), skipped, time.perf_counter() - t0,
+                        len(records) / elapsed if elapsed > 0 else 0.0, prov)
