@@ -64,6 +64,25 @@ def resolve_artifact_arg(arg: str, stdin=None) -> Path:
     return artifact_base(arg)
 
 
+def ensure_writable(path: str | os.PathLike) -> None:
+    """Fail early (before any work) when the artifact's folder can't take new files.
+
+    Probes with a real temporary file: ``os.access`` says yes to root even on read-only mounts.
+    """
+    tpath, _ = artifact_paths(path)
+    folder = tpath.parent
+    if folder.exists() and not folder.is_dir():
+        raise ArtifactError(f"{folder}: is a file, not a folder; choose another --out")
+    if not folder.exists():
+        raise ArtifactError(f"{folder}: output folder does not exist; create it or choose another --out")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ganprint-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ArtifactError(f"{folder}: output folder is not writable ({exc.strerror}); choose another --out") from exc
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -141,11 +160,8 @@ def write_artifact(
 
     base = artifact_base(path)
     tpath, ppath = artifact_paths(base)
-    folder = tpath.parent if str(tpath.parent) else Path(".")
-    if not folder.exists():
-        raise ArtifactError(f"{folder}: output folder does not exist; create it or choose another --out")
-    if not os.access(folder, os.W_OK):
-        raise ArtifactError(f"{folder}: output folder is not writable; choose another --out")
+    folder = tpath.parent
+    ensure_writable(base)
 
     tensors = {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)).contiguous().cpu()
                for k, v in tensors.items()}

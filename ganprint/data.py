@@ -168,6 +168,11 @@ def _decode_dicom(data: bytes, path: str) -> np.ndarray:
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if frames > 1:
         arr = arr[frames // 2]
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        rgb = apply_color_lut(arr, ds)
+        return (rgb.astype(np.float64) / 257.0 + 0.5).astype(np.uint8) if rgb.dtype != np.uint8 else rgb
     if samples == 3:
         if photometric.startswith("YBR"):
             from pydicom.pixels import convert_color_space

@@ -22,6 +22,7 @@ from ganprint.artifacts import (
     artifact_paths,
     base_provenance,
     digest_json,
+    ensure_writable,
     read_provenance,
     sha256_file,
     write_artifact,
@@ -167,18 +168,15 @@ def run_embed(
     """Embed ``inputs`` (folders / files / ``-``) and write the artifact ``out``."""
     import torch
 
-    from ganprint.backbones import load_backbone
+    from ganprint.backbones import get_backbone, load_backbone
     from ganprint.device import resolve_device
 
     t0 = time.perf_counter()
     if batch_size < 1:
         raise GanprintError(f"--batch-size {batch_size}: must be at least 1")
+    get_backbone(backbone)  # an unknown name fails before any file is read
     tpath, _ = artifact_paths(out)
-    folder = tpath.parent
-    if not folder.exists():
-        raise GanprintError(f"{folder}: output folder does not exist; create it or choose another --out")
-    if not os.access(folder, os.W_OK):
-        raise GanprintError(f"{folder}: output folder is not writable; choose another --out")
+    ensure_writable(out)
     records, skipped = discover(list(inputs), stdin=stdin, skip_bad=skip_bad)
     dev = resolve_device(device)
     hashes = hash_records(records)

@@ -25,6 +25,7 @@ app = typer.Typer(
 COMMAND_MODULES: tuple[str, ...] = (
     "embed",
     "info",
+    "demo",
 )
 
 
