@@ -24,6 +24,7 @@ app = typer.Typer(
 # order = order in --help; each module defines register(app)
 COMMAND_MODULES: tuple[str, ...] = (
     "embed",
+    "train",
     "info",
     "demo",
 )
