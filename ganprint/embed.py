@@ -180,6 +180,10 @@ def run_embed(
     records, skipped = discover(list(inputs), stdin=stdin, skip_bad=skip_bad)
     dev = resolve_device(device)
     hashes = hash_records(records)
+    if checkpoint is not None:  # its weights replace the backbone's: fetch none, use its image size
+        from ganprint.checkpoint import checkpoint_load_args
+
+        weights, image_size = checkpoint_load_args(checkpoint, backbone, weights, image_size)
     loaded = load_backbone(backbone, weights, image_size)
     model = loaded.model
     ckpt_prov: dict[str, Any] | None = None
