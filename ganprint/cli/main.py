@@ -25,6 +25,7 @@ app = typer.Typer(
 COMMAND_MODULES: tuple[str, ...] = (
     "embed",
     "train",
+    "fuse",
     "info",
     "demo",
 )

@@ -1,0 +1,78 @@
+"""`ganprint fuse` through the CLI: moe train / apply, stack, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from ganprint.artifacts import read_artifact
+from ganprint.cli.main import app
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_fusion import make_expert, write_scores  # noqa: E402  (fixtures builders of the library tests)
+
+runner = CliRunner()
+SMALL = ["--dim", "32", "--batch-size", "16", "--threads", "1", "-q"]
+
+
+def _err(r) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    return lines[0]
+
+
+def test_fuse_moe_train_apply_json(tmp_path):
+    a = make_expert(tmp_path / "a", "alpha", 24, 0, 0.5)
+    b = make_expert(tmp_path / "b", "beta", 40, 1, 2.0)
+    r = runner.invoke(app, ["fuse", "--method", "moe", str(a), str(b), "--out", str(tmp_path / "f"),
+                            "--steps", "5", "--json", *SMALL])
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["experts"] == ["alpha", "beta"]
+    assert set(info["mean_gate_by_expert"]) == {"alpha", "beta"}
+    assert abs(sum(info["mean_gate"]) - 1) < 1e-4
+    assert info["weights"] == str(tmp_path / "f.moe.safetensors")
+    assert read_artifact(tmp_path / "f", kind="embeddings").provenance["backbone"] == "moe(alpha+beta)"
+
+    r = runner.invoke(app, ["fuse", "--apply", info["weights"], str(a), str(b), "--out", str(tmp_path / "g"), "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "g")
+    assert read_artifact(tmp_path / "g", kind="embeddings").tensor("embeddings").shape == (48, 32)
+
+    assert "expert 1 has backbone beta" in _err(
+        runner.invoke(app, ["fuse", "--apply", info["weights"], str(b), str(a), "--out", str(tmp_path / "h")]))
+    assert "training options" in _err(
+        runner.invoke(app, ["fuse", "--apply", info["weights"], str(a), str(b), "--steps", "3", "--out", str(tmp_path / "h")]))
+
+
+def test_fuse_moe_mismatched_manifests_one_line(tmp_path):
+    a = make_expert(tmp_path / "a", "alpha", 24, 0, 0.5)
+    b = make_expert(tmp_path / "b", "beta", 40, 1, 2.0, order=list(range(47, -1, -1)))
+    line = _err(runner.invoke(app, ["fuse", str(a), str(b), "--out", str(tmp_path / "f"), *SMALL]))
+    assert str(a) in line and str(b) in line and "manifests differ" in line
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_fuse_stack_json(tmp_path):
+    ids = [f"r{i}" for i in range(20)]
+    y = [0, 1] * 10
+    dev = [write_scores(tmp_path / f"d{j}", ids, [(i % 7) + 3 * (j + 1) * y[i] for i in range(20)], y, f"att{j}", "alpha")
+           for j in range(2)]
+    test = [write_scores(tmp_path / f"t{j}", ids[:7], list(range(7)), None, f"att{j}", "alpha") for j in range(2)]
+    r = runner.invoke(app, ["fuse", "--method", "stack", "--dev", str(dev[0]), "--dev", str(dev[1]),
+                            "--test", str(test[0]), "--test", str(test[1]), "--out", str(tmp_path / "s"), "--json", "-q"])
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["features"] == ["att0@alpha", "att1@alpha"] and len(info["coef"]) == 2
+    art = read_artifact(tmp_path / "s", kind="scores")
+    assert art.table.columns.tolist() == ["image_id", "score", "label_pred"]
+
+    assert "--method moe only" in _err(runner.invoke(app, ["fuse", "--method", "stack", str(dev[0]),
+                                                           "--out", str(tmp_path / "x")]))
+    assert "one test artifact per dev artifact" in _err(runner.invoke(
+        app, ["fuse", "--method", "stack", "--dev", str(dev[0]), "--dev", str(dev[1]), "--test", str(test[0]),
+              "--out", str(tmp_path / "x")]))
