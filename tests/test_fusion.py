@@ -136,8 +136,9 @@ def test_momentum_keys_and_queue_train(experts, tmp_path):
     from ganprint.fusion.moe import train_moe
 
     res = train_moe(experts, tmp_path / "w", steps=20, key_encoder="momentum", momentum=0.9, queue_size=32,
-                    neg_per_anchor=4, **SMALL)
+                    neg_per_anchor=4, sim_threshold=-1.0, **SMALL)
     assert res.loss_end < res.loss_start
+    assert "not selective" in res.pools["warning"] and res.pools["min"] == N_USED
 
 
 def test_apply_reproduces_training_fusion_and_checks_experts(experts, tmp_path):

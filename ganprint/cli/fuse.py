@@ -133,13 +133,14 @@ def fuse(
                  "neg_per_anchor": neg_per_anchor, "queue_size": queue_size, "key_encoder": key_encoder,
                  "momentum": momentum, "loss_alpha": loss_alpha, "balance": balance, "seed": seed}
     tres = train_moe(paths, wpath, out=out, progress=not quiet, threads=threads or None, **overrides)
+    if "warning" in tres.pools:
+        log(f"[yellow]warning[/yellow]: {tres.pools['warning']}")
     if not quiet:
         log(f"trained fusion of {', '.join(tres.experts)} in {tres.seconds:.1f}s: loss {tres.loss_start:.4f} -> "
             f"{tres.loss_end:.4f}; mean gate " + ", ".join(f"{g:.3f}" for g in tres.mean_gate) + f"; weights {tres.weights}")
     if as_json:
         d = tres.to_dict()
-        d.pop("history")
-        d["mean_gate_by_expert"] = dict(zip(tres.experts, tres.mean_gate)) if len(set(tres.experts)) == len(tres.experts) else None
+        d.pop("history")  # one value per step; the summary keeps loss_start / loss_end
         print_json(d)
     else:
         typer.echo(str(tres.fused))

@@ -6,7 +6,8 @@ Two methods, both library-first (the CLI in :mod:`ganprint.cli.fuse` only parses
   K embeddings artifacts of the same images [N, d_k] -> one fused embeddings artifact [N, d],
   trained with the contrastive objective of ``train`` on the frozen expert features.
 
-  - :func:`train_moe(expert_artifacts, out_weights, config=None, out=None, progress=False, **overrides)
+  - :func:`train_moe(expert_artifacts, out_weights, config=None, out=None, progress=False, threads=None,
+    **overrides)
     <ganprint.fusion.moe.train_moe>` -> :class:`~ganprint.fusion.moe.MoETrainResult`
   - :func:`apply_moe(weights, expert_artifacts, out) <ganprint.fusion.moe.apply_moe>`
     -> :class:`~ganprint.fusion.moe.MoEApplyResult`
@@ -16,7 +17,7 @@ Two methods, both library-first (the CLI in :mod:`ganprint.cli.fuse` only parses
   attack scores of several backbones / attacks, fit on labelled *dev* scores artifacts and applied
   to the matching *test* scores artifacts; the output is an ordinary ``scores`` artifact.
 
-  - :func:`stack_scores(dev_paths, test_paths, out, rule="prob", C=1.0, seed=0)
+  - :func:`stack_scores(dev_paths, test_paths, out, rule="prob", C=1.0, cv=5, seed=0)
     <ganprint.fusion.stack.stack_scores>` -> :class:`~ganprint.fusion.stack.StackResult`
 
 Fused embeddings are ordinary ``embeddings`` artifacts (same manifest as the inputs) and the

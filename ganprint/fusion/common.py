@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from ganprint.artifacts import Artifact, artifact_base, read_artifact
+from ganprint.artifacts import Artifact, read_artifact
 from ganprint.errors import ArtifactError, GanprintError
 
 ALIGN_COLUMNS = ("image_id", "sha256")
@@ -83,5 +83,7 @@ def _check_pair(a: Artifact, b: Artifact) -> None:
             raise ArtifactError(f"{a.base} and {b.base}: manifests differ at row {i} ({col} {x} vs {y}); {fix}")
 
 
-def base_str(path: str | os.PathLike) -> str:
-    return str(artifact_base(path))
+def by_expert(names: Sequence[str], values: Sequence[float]) -> dict[str, float]:
+    """``{expert name: value}``; names that repeat (same backbone twice) get a ``#k`` position suffix."""
+    dup = len(set(names)) != len(names)
+    return {(f"{n}#{i + 1}" if dup else n): v for i, (n, v) in enumerate(zip(names, values))}

@@ -14,7 +14,8 @@ KEY_ENCODERS = ("online", "momentum")
 
 @dataclass
 class MoEConfig:
-    """Knobs of the fusion model and its training (defaults: a few seconds on a laptop CPU)."""
+    """Knobs of the fusion model and its training (defaults: ~20 s on one CPU thread for a dev set of
+    500 generated / 80 / 80 real images and experts of width 2048, 1280, 768)."""
 
     # model
     dim: int = 256            # common width d of the expert tokens and of the fused embedding

@@ -68,7 +68,7 @@ from ganprint import __version__
 from ganprint.artifacts import Artifact, base_provenance, digest_json, ensure_writable, sha256_bytes, write_artifact
 from ganprint.contrastive.loss import hybrid_contrastive_loss
 from ganprint.errors import ArtifactError, GanprintError
-from ganprint.fusion.common import expert_identity, expert_record, read_experts, short
+from ganprint.fusion.common import by_expert, expert_identity, expert_record, read_experts, short
 from ganprint.fusion.config import MoEConfig, as_moe_config
 
 TAU_MIN = 0.05
@@ -376,6 +376,7 @@ class MoETrainResult:
         d = dataclasses.asdict(self)
         d["weights"], d["fused"] = str(self.weights), (str(self.fused) if self.fused else None)
         d["history"] = [round(v, 6) for v in self.history]
+        d["mean_gate_by_expert"] = by_expert(self.experts, self.mean_gate)
         return d
 
 
@@ -392,6 +393,7 @@ class MoEApplyResult:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["fused"], d["weights"] = str(self.fused), str(self.weights)
+        d["mean_gate_by_expert"] = by_expert(self.experts, self.mean_gate)
         return d
 
 
@@ -467,6 +469,11 @@ def train_moe(
     sizes = size.float()
     pools = {"mean": round(float(sizes.mean()), 3), "min": int(sizes.min()), "max": int(sizes.max()),
              "threshold": cfg.sim_threshold, "similarity": "mean expert cosine (concatenated normalised features)"}
+    if int(size.min()) == used_rows.numel() and used_rows.numel() > cfg.min_pos:
+        # typical for non-negative CNN features, where almost every cosine is high
+        pools["warning"] = (f"every pool holds all {used_rows.numel()} real_used images (similarity >= "
+                            f"{cfg.sim_threshold} everywhere): positives are not selective; raise --sim-threshold "
+                            "or set --max-pool")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # initialisation from the seed, without touching the caller's RNG

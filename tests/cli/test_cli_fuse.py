@@ -42,6 +42,9 @@ def test_fuse_moe_train_apply_json(tmp_path):
     assert r.exit_code == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "g")
     assert read_artifact(tmp_path / "g", kind="embeddings").tensor("embeddings").shape == (48, 32)
+    r = runner.invoke(app, ["fuse", "--apply", info["weights"], str(a), str(b), "--out", str(tmp_path / "g2"), "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["mean_gate_by_expert"] == info["mean_gate_by_expert"]
 
     assert "expert 1 has backbone beta" in _err(
         runner.invoke(app, ["fuse", "--apply", info["weights"], str(b), str(a), "--out", str(tmp_path / "h")]))
