@@ -1,0 +1,611 @@
+"""``simmatrix`` stage: generated x real similarity from embeddings artifacts.
+
+Similarity is cosine (default) or negative L2 distance, so that *larger = more similar* for both.
+Small problems store the full matrix ``[G, R]``; large ones are searched in tiles of
+``[block, 4 * block]`` values and only the top-k per row survive, so peak memory is bounded by
+``--block`` and not by ``G * R``.
+
+Exact top-k per tile without sorting the tile: the tile is cut into runs of ``chunk`` columns
+and each run's maximum is taken (one cheap pass).  Any element of a row's top-k lies in one of the
+k runs with the largest maxima (if k runs had larger maxima there would be k larger elements),
+so only ``k * chunk`` candidates per row reach ``torch.topk``; runs that cannot beat the row's
+current k-th best are not even gathered.  Selection then costs a few percent of the matmul.
+
+Public API (library first; the CLI module only parses options):
+
+- :func:`topk_search` one direction, queries x keys, streaming; ``exclude`` drops a pair per row.
+- :func:`compute_similarity` all tensors of a similarity artifact from in-memory embeddings.
+- :func:`run_simmatrix` artifacts in, artifact out (the ``ganprint simmatrix`` command).
+- :func:`check_comparable` refuse embeddings from different backbones / weights / checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ganprint.artifacts import (
+    TENSOR_SUFFIX,
+    Artifact,
+    artifact_paths,
+    base_provenance,
+    read_artifact,
+    write_artifact,
+)
+from ganprint.errors import ArtifactError, GanprintError
+
+METRICS = ("cosine", "l2")
+ENGINES = ("torch", "faiss")
+DEFAULT_K = 10
+DEFAULT_BLOCK = 2048
+KEY_BLOCK_FACTOR = 4  # tiles are [block, 4*block]: wide tiles keep the matmul efficient
+CHUNK = 64  # run length for the run-maximum prefilter (cost ~ m/chunk + k*chunk per row)
+FULL_AUTO_MAX = 1 << 22  # store the full matrix automatically up to 4M values (16 MiB)
+
+# ---------------------------------------------------------------------------------------------
+# comparability
+
+
+def comparable_key(prov: dict[str, Any]) -> dict[str, Any]:
+    """What must agree for two embeddings artifacts to live in one feature space."""
+    ckpt = prov.get("checkpoint")
+    return {
+        "backbone": prov.get("backbone"),
+        "weights_digest": prov.get("weights_digest"),
+        "preprocess": prov.get("preprocess"),
+        "checkpoint": ckpt.get("digest") if isinstance(ckpt, dict) else ckpt,
+    }
+
+
+def check_comparable(prov_a: dict[str, Any], name_a: Any, prov_b: dict[str, Any], name_b: Any) -> None:
+    """Raise :class:`ArtifactError` (one line, naming both files) unless the two agree."""
+    ka, kb = comparable_key(prov_a), comparable_key(prov_b)
+    if ka == kb:
+        return
+    diffs = []
+    for key in ka:
+        if ka[key] != kb[key]:
+            va, vb = ka[key], kb[key]
+            if key in ("weights_digest", "checkpoint"):
+                va, vb = (str(v)[:12] if v is not None else None for v in (va, vb))
+            diffs.append(f"{key} {va} vs {vb}")
+    raise ArtifactError(
+        f"{name_a} and {name_b}: embeddings are not comparable ({'; '.join(diffs)}); "
+        "embed both with the same --backbone, --weights, --image-size and --checkpoint"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming exact top-k
+
+
+@dataclass
+class TopK:
+    """``values`` float32 [Q, k] (descending), ``indices`` int64 [Q, k] into the keys."""
+
+    values: Any
+    indices: Any
+
+
+def _prepare(x, metric: str):
+    import torch
+
+    x = torch.as_tensor(x).float()
+    if x.dim() != 2:
+        raise GanprintError(f"embeddings must be a 2-d tensor [N, D], got shape {tuple(x.shape)}")
+    if metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=1)
+    return x.contiguous()
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise GanprintError(f"--metric {metric}: unknown; use one of {', '.join(METRICS)}")
+
+
+class _RowTopK:
+    """Running exact top-k per row over successive column tiles."""
+
+    def __init__(self, n: int, k: int, device, chunk: int = CHUNK) -> None:
+        import torch
+
+        self.k = k
+        self.chunk = chunk
+        self.values = torch.full((n, k), -math.inf, device=device)
+        self.indices = torch.full((n, k), -1, dtype=torch.long, device=device)
+        self._arange = torch.arange(chunk, device=device)
+
+    def update(self, tile, col0: int, row0: int = 0) -> None:
+        """Merge ``tile`` [n, m] (columns ``col0 .. col0 + m``) into rows ``row0 .. row0 + n``."""
+        n = tile.shape[0]
+        if row0 == 0 and n == self.values.shape[0]:
+            self.values, self.indices = self._merge(tile, col0, self.values, self.indices)
+        else:
+            v, i = self._merge(tile, col0, self.values[row0:row0 + n], self.indices[row0:row0 + n])
+            self.values[row0:row0 + n] = v
+            self.indices[row0:row0 + n] = i
+
+    def _merge(self, tile, col0: int, old_v, old_i):
+        import torch
+
+        n, m = tile.shape
+        k, chunk = self.k, self.chunk
+        nch = m // chunk
+        main = nch * chunk
+        if nch <= k:  # narrow tile: a plain topk is as cheap
+            v, p = torch.cat([old_v, tile], 1).topk(k, dim=1)
+            return v, torch.where(p < k, old_i.gather(1, p.clamp(max=k - 1)), p - k + col0)
+        # few large ops per tile: small ones cost more in thread wake-ups than in work
+        if main == m:
+            run_max = tile.view(n, nch, chunk).amax(-1)
+            ci = run_max.topk(k, dim=1, sorted=False).indices  # [n, k] best runs
+            # whole runs are contiguous rows of a [n * nch, chunk] view: index_select is a memcpy
+            rows = (torch.arange(n, device=tile.device).unsqueeze(1) * nch + ci).view(-1)
+            cand = torch.index_select(tile.view(n * nch, chunk), 0, rows).view(n, k * chunk)
+        else:
+            runs = tile[:, :main].unflatten(1, (nch, chunk))
+            ci = runs.amax(-1).topk(k, dim=1, sorted=False).indices
+            cand = runs.gather(1, ci.unsqueeze(-1).expand(n, k, chunk)).reshape(n, k * chunk)
+        v1, p1 = cand.topk(k, dim=1, sorted=False)
+        i1 = ci.gather(1, p1 // chunk) * chunk + (p1 % chunk + col0)
+        vals, idx = [old_v, v1], [old_i, i1]
+        if main < m:  # the tile's last m % chunk columns
+            tail = tile[:, main:]
+            vt, pt = tail.topk(min(k, m - main), dim=1, sorted=False)
+            vals.append(vt)
+            idx.append(pt + (main + col0))
+        v, p = torch.cat(vals, 1).topk(k, dim=1)
+        return v, torch.cat(idx, 1).gather(1, p)
+
+
+def _tiles(n: int, size: int):
+    for s in range(0, n, size):
+        yield s, min(n, s + size)
+
+
+def _sim_tile(q, kb, qsq, ksq, metric: str, buf):
+    """Similarity tile [nq, nk] into ``buf``: cosine = q.k (inputs unit-norm); l2 = -|q - k|^2."""
+    import torch
+
+    nq, nk = q.shape[0], kb.shape[0]
+    out = buf.view(-1)[: nq * nk].view(nq, nk)  # contiguous view, reused: no allocation per tile
+    if metric == "cosine":
+        torch.mm(q, kb.t(), out=out)
+    else:
+        torch.addmm(ksq.unsqueeze(0), q, kb.t(), beta=-1.0, alpha=2.0, out=out)
+        out.sub_(qsq.unsqueeze(1))
+        out.clamp_(max=0.0)
+    return out
+
+
+def _finish_values(values, metric: str):
+    """Internal tile values -> reported similarity (l2 tiles hold -d^2; report -d)."""
+    if metric == "l2":
+        return -(-values).clamp(min=0.0).sqrt()
+    return values
+
+
+def topk_search(
+    queries,
+    keys,
+    k: int,
+    *,
+    metric: str = "cosine",
+    block: int = DEFAULT_BLOCK,
+    device: Any = "cpu",
+    exclude=None,
+    key_k: int = 0,
+    matrix: bool = False,
+    chunk: int = CHUNK,
+    prepared: bool = False,
+) -> tuple[TopK, TopK | None, Any]:
+    """Exact top-k of ``keys`` for every query, streaming over tiles.
+
+    queries [Q, D], keys [K, D] (float; normalised here for cosine unless ``prepared``);
+    ``exclude`` int64 [Q]: one key index to skip per query (-1: none), e.g. the query itself.
+    Returns (per query TopK [Q, k], per key TopK [K, key_k] over queries or None,
+    full matrix [K, Q] (keys x queries, CPU) or None).  Peak extra memory ~ 4*block^2 floats
+    (+ the matrix when asked for).
+    """
+    import torch
+
+    _check_metric(metric)
+    if block < 1:
+        raise GanprintError(f"--block {block}: must be at least 1")
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if not prepared:
+        queries, keys = _prepare(queries, metric), _prepare(keys, metric)
+    nq_all, nk_all = queries.shape[0], keys.shape[0]
+    if queries.shape[1] != keys.shape[1]:
+        raise GanprintError(f"embedding sizes differ: {queries.shape[1]} vs {keys.shape[1]}")
+    n_ex = 1 if exclude is not None and bool((torch.as_tensor(exclude) >= 0).any()) else 0
+    k = min(k, nk_all - n_ex)
+    key_k = min(key_k, nq_all - n_ex)
+    if k < 1:
+        raise GanprintError(f"top-k search needs at least {1 + n_ex} key rows, got {nk_all}")
+    keys_d = keys.to(dev)
+    ksq = (keys_d * keys_d).sum(1) if metric == "l2" else None
+    qblock, kblock = block, block * KEY_BLOCK_FACTOR
+    buf = torch.empty(min(qblock, nq_all) * min(kblock, nk_all), device=dev)
+    out_v = torch.empty(nq_all, k)
+    out_i = torch.empty(nq_all, k, dtype=torch.long)
+    full = torch.empty(nk_all, nq_all) if matrix else None
+    key_sel = _RowTopK(nk_all, key_k, dev, chunk) if key_k > 0 else None
+    excl = None if exclude is None else torch.as_tensor(exclude, dtype=torch.long)
+    with torch.inference_mode():
+        for q0, q1 in _tiles(nq_all, qblock):
+            q = queries[q0:q1].to(dev)
+            qsq = (q * q).sum(1) if metric == "l2" else None
+            sel = _RowTopK(q1 - q0, k, dev, chunk)
+            ex = None if excl is None else excl[q0:q1].to(dev)
+            for k0, k1 in _tiles(nk_all, kblock):
+                tile = _sim_tile(q, keys_d[k0:k1], qsq, None if ksq is None else ksq[k0:k1], metric, buf)
+                if ex is not None:
+                    hit = (ex >= k0) & (ex < k1)
+                    if bool(hit.any()):
+                        rows = hit.nonzero().squeeze(1)
+                        tile[rows, ex[rows] - k0] = -math.inf
+                sel.update(tile, k0)
+                if full is not None:
+                    full[k0:k1, q0:q1] = tile.t().cpu()
+                if key_sel is not None:
+                    key_sel.update(tile.t().contiguous(), q0, row0=k0)
+            out_v[q0:q1] = sel.values.cpu()
+            out_i[q0:q1] = sel.indices.cpu()
+    res = TopK(_finish_values(out_v, metric), out_i)
+    kres = None
+    if key_sel is not None:
+        kres = TopK(_finish_values(key_sel.values.cpu(), metric), key_sel.indices.cpu())
+    if full is not None:
+        full = _finish_values(full, metric)  # excluded pairs stay -inf
+    return res, kres, full
+
+
+def faiss_topk(queries, keys, k: int, *, metric: str = "cosine", exclude=None, prepared: bool = False) -> TopK:
+    """The same search as :func:`topk_search` (per-query side) with faiss' exact flat index."""
+    import numpy as np
+    import torch
+
+    try:
+        import faiss
+    except ImportError:
+        raise GanprintError("--engine faiss: faiss is not installed; pip install faiss-cpu (or use --engine torch)") from None
+    _check_metric(metric)
+    if not prepared:
+        queries, keys = _prepare(queries, metric), _prepare(keys, metric)
+    q = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
+    kk = np.ascontiguousarray(keys.numpy(), dtype=np.float32)
+    extra = 1 if exclude is not None else 0
+    k = min(k, kk.shape[0] - extra)
+    if k < 1:
+        raise GanprintError(f"top-k search needs at least {1 + extra} key rows, got {kk.shape[0]}")
+    index = faiss.IndexFlatIP(kk.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(kk.shape[1])
+    index.add(kk)
+    d, i = index.search(q, k + extra)
+    if metric == "l2":
+        d = -np.sqrt(np.maximum(d, 0.0))
+    if exclude is not None:
+        ex = np.asarray(exclude).reshape(-1, 1)
+        keep = i != ex
+        # drop the excluded column where present, else the last one
+        keep[keep.all(1), -1] = False
+        d = d[keep].reshape(len(q), k)
+        i = i[keep].reshape(len(q), k)
+    return TopK(torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32)), torch.from_numpy(i.astype(np.int64)))
+
+
+def count_at_least(queries, keys, thresholds, *, metric: str = "cosine", block: int = DEFAULT_BLOCK,
+                   device: Any = "cpu", prepared: bool = False):
+    """int64 [Q]: how many keys have similarity >= thresholds[q] (similarity as reported)."""
+    import torch
+
+    _check_metric(metric)
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if not prepared:
+        queries, keys = _prepare(queries, metric), _prepare(keys, metric)
+    thr = torch.as_tensor(thresholds, dtype=torch.float32)
+    if metric == "l2":  # tiles hold -d^2: s >= t  <=>  -d^2 >= -t^2 (t <= 0)
+        thr = -(thr.clamp(max=0.0) ** 2)
+    keys_d = keys.to(dev)
+    ksq = (keys_d * keys_d).sum(1) if metric == "l2" else None
+    qblock, kblock = block, block * KEY_BLOCK_FACTOR
+    buf = torch.empty(min(qblock, len(queries)) * min(kblock, len(keys)), device=dev)
+    counts = torch.zeros(len(queries), dtype=torch.long)
+    with torch.inference_mode():
+        for q0, q1 in _tiles(len(queries), qblock):
+            q = queries[q0:q1].to(dev)
+            qsq = (q * q).sum(1) if metric == "l2" else None
+            t = thr[q0:q1].to(dev).unsqueeze(1)
+            c = torch.zeros(q1 - q0, dtype=torch.long, device=dev)
+            for k0, k1 in _tiles(len(keys), kblock):
+                tile = _sim_tile(q, keys_d[k0:k1], qsq, None if ksq is None else ksq[k0:k1], metric, buf)
+                c += (tile >= t).sum(1)
+            counts[q0:q1] = c.cpu()
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# in-memory similarity tensors
+
+
+def compute_similarity(
+    gen,
+    real,
+    *,
+    ref=None,
+    ref_exclude=None,
+    metric: str = "cosine",
+    k: int = DEFAULT_K,
+    full: bool | None = None,
+    block: int = DEFAULT_BLOCK,
+    device: Any = "cpu",
+    engine: str = "torch",
+    realref: bool = True,
+) -> dict[str, Any]:
+    """All tensors of a similarity artifact (see docs/ARTIFACTS.md) from embeddings.
+
+    gen [G, D], real [R, D]; ``ref`` [M, D] known non-members for the real x reference top-k
+    (None: real x real, self excluded); ``ref_exclude`` int64 [R]: the reference row that *is*
+    real image r (same file), or -1.  ``full`` None = store the matrix [G, R] when G*R <= 4M.
+    Returns ``real_topk_values/indices`` [R, k] (into G), ``gen_topk_values/indices`` [G, k'] (into
+    R), ``matrix`` [G, R] if full, ``realref_topk_values/indices`` [R, k''] if ``realref``.
+    """
+    import torch
+
+    _check_metric(metric)
+    if engine not in ENGINES:
+        raise GanprintError(f"--engine {engine}: unknown; use torch or faiss")
+    if k < 1:
+        raise GanprintError(f"--k {k}: must be at least 1")
+    g, r = _prepare(gen, metric), _prepare(real, metric)
+    if len(g) == 0 or len(r) == 0:
+        raise GanprintError(f"need at least one generated and one real embedding, got {len(g)} and {len(r)}")
+    if g.shape[1] != r.shape[1]:
+        raise GanprintError(f"embedding sizes differ: generated {g.shape[1]} vs real {r.shape[1]}")
+    if full is None:
+        full = len(g) * len(r) <= FULL_AUTO_MAX
+    out: dict[str, Any] = {}
+    if engine == "faiss":
+        rt = faiss_topk(r, g, k, metric=metric, prepared=True)
+        gt = faiss_topk(g, r, k, metric=metric, prepared=True)
+        mat = None
+        if full:
+            _, _, mat = topk_search(r, g, 1, metric=metric, block=block, device=device, matrix=True, prepared=True)
+    else:
+        rt, gt, mat = topk_search(r, g, k, metric=metric, block=block, device=device, key_k=k,
+                                  matrix=full, prepared=True)
+    out["real_topk_values"], out["real_topk_indices"] = rt.values, rt.indices
+    out["gen_topk_values"], out["gen_topk_indices"] = gt.values, gt.indices
+    if mat is not None:
+        out["matrix"] = mat.contiguous()
+    if realref:
+        if ref is None:
+            keys, excl = r, torch.arange(len(r))
+        else:
+            keys = _prepare(ref, metric)
+            excl = None if ref_exclude is None else torch.as_tensor(ref_exclude, dtype=torch.long)
+            if keys.shape[1] != r.shape[1]:
+                raise GanprintError(f"embedding sizes differ: reference {keys.shape[1]} vs real {r.shape[1]}")
+        needed = 2 if (excl is not None and bool((excl >= 0).any())) else 1
+        if len(keys) >= needed:
+            if engine == "faiss" and excl is not None:
+                rr = faiss_topk(r, keys, k, metric=metric, exclude=excl, prepared=True)
+            elif engine == "faiss":
+                rr = faiss_topk(r, keys, k, metric=metric, prepared=True)
+            else:
+                rr, _, _ = topk_search(r, keys, k, metric=metric, block=block, device=device,
+                                       exclude=excl, prepared=True)
+            out["realref_topk_values"], out["realref_topk_indices"] = rr.values, rr.indices
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# artifacts in, artifact out
+
+
+def _rows_for(art: Artifact, role: str):
+    """Manifest rows used as ``role`` (generated / real / reference); see run_simmatrix."""
+    import numpy as np
+
+    t = art.table
+    n = len(t)
+    subset = t["subset"].astype("string").fillna("") if "subset" in t.columns else None
+    if subset is None:
+        return np.arange(n)
+    is_gen = (subset == "generated").to_numpy(dtype=bool)
+    is_real = subset.str.startswith("real_").to_numpy(dtype=bool)
+    if role == "generated":
+        rows = np.flatnonzero(is_gen) if is_gen.any() else np.flatnonzero(~is_real)
+    elif role == "real":
+        rows = np.flatnonzero(is_real) if is_real.any() else np.flatnonzero(~is_gen)
+    else:  # reference: known non-members if labelled, else every non-generated row
+        lab = t["label"] if "label" in t.columns else None
+        zero = np.zeros(n, dtype=bool) if lab is None else (lab.astype("Int8") == 0).fillna(False).to_numpy(dtype=bool)
+        rows = np.flatnonzero(zero) if zero.any() else np.flatnonzero(~is_gen)
+    return rows
+
+
+def _source_info(art: Artifact, rows, role: str) -> dict[str, Any]:
+    p = art.provenance
+    ckpt = p.get("checkpoint")
+    return {
+        "path": str(Path(art.base).resolve()),
+        "pair_id": p.get("pair_id"),
+        "inputs_hash": p.get("inputs_hash"),
+        "backbone": p.get("backbone"),
+        "weights_digest": p.get("weights_digest"),
+        "preprocess": p.get("preprocess"),
+        "checkpoint": ckpt,
+        "dim": p.get("dim"),
+        "rows": int(len(rows)),
+        "role": role,
+    }
+
+
+def _load_embeddings(path, role: str) -> Artifact:
+    art = read_artifact(path, kind="embeddings")
+    if art.table is None or len(art.table) != art.tensor("embeddings").shape[0]:
+        raise ArtifactError(f"{art.base}{TENSOR_SUFFIX}: manifest and embeddings disagree; re-run `ganprint embed`")
+    return art
+
+
+@dataclass
+class SimmatrixOutcome:
+    base: Path
+    n_generated: int
+    n_real: int
+    n_reference: int | None
+    k: int
+    full: bool
+    seconds: float
+    provenance: dict[str, Any]
+
+
+def _check_writable(out) -> None:
+    try:
+        from ganprint.artifacts import ensure_writable  # newer artifacts.py
+    except ImportError:
+        tpath, _ = artifact_paths(out)
+        folder = tpath.parent
+        if not folder.is_dir():
+            raise GanprintError(f"{folder}: output folder does not exist; create it or choose another --out") from None
+        if not os.access(folder, os.W_OK):
+            raise GanprintError(f"{folder}: output folder is not writable; choose another --out") from None
+        return
+    ensure_writable(out)
+
+
+def run_simmatrix(
+    out: str | os.PathLike,
+    dataset: str | os.PathLike | None = None,
+    generated: str | os.PathLike | None = None,
+    real: str | os.PathLike | None = None,
+    reference: str | os.PathLike | None = None,
+    *,
+    metric: str = "cosine",
+    k: int = DEFAULT_K,
+    full: bool | None = None,
+    block: int = DEFAULT_BLOCK,
+    device: str = "auto",
+    engine: str = "torch",
+    realref: bool = True,
+) -> SimmatrixOutcome:
+    """Read embeddings artifacts, compute similarity, write the similarity artifact ``out``.
+
+    Either ``dataset`` (its ``generated`` subset is G, every ``real_*`` subset is R) or
+    ``generated`` + ``real`` (G: the ``generated`` subset if present, else all non-real rows;
+    R: the ``real_*`` subsets if present, else all non-generated rows).  ``reference``: an
+    embeddings artifact of known non-members (its label-0 rows if labelled) for the real x
+    reference top-k; without it that top-k is real x real with self excluded.
+    """
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from ganprint.device import resolve_device
+
+    t0 = time.perf_counter()
+    _check_metric(metric)
+    if engine not in ENGINES:
+        raise GanprintError(f"--engine {engine}: unknown; use torch or faiss")
+    if engine == "faiss":
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            raise GanprintError("--engine faiss: faiss is not installed; pip install faiss-cpu (or use --engine torch)") from None
+    if k < 1:
+        raise GanprintError(f"--k {k}: must be at least 1")
+    if block < 1:
+        raise GanprintError(f"--block {block}: must be at least 1")
+    if dataset is not None and (generated is not None or real is not None):
+        raise GanprintError("give either a DATASET artifact or --generated and --real, not both")
+    if dataset is None and (generated is None or real is None):
+        raise GanprintError("give a DATASET embeddings artifact, or both --generated G and --real R")
+    _check_writable(out)
+    dev = resolve_device(device)
+
+    if dataset is not None:
+        gart = rart = _load_embeddings(dataset, "dataset")
+    else:
+        gart = _load_embeddings(generated, "generated")
+        rart = _load_embeddings(real, "real")
+        check_comparable(gart.provenance, f"{gart.base}{TENSOR_SUFFIX}", rart.provenance, f"{rart.base}{TENSOR_SUFFIX}")
+    if dataset is not None:
+        subset = gart.table["subset"].astype("string").fillna("") if "subset" in gart.table.columns else None
+        if subset is None or not (subset == "generated").any() or not subset.str.startswith("real_").any():
+            raise GanprintError(f"{gart.base}{TENSOR_SUFFIX}: needs both a 'generated' and a 'real_*' subset; "
+                                "embed an ImageCLEF layout (generated/, real_used/, ...) or pass --generated G --real R")
+    g_rows = _rows_for(gart, "generated")
+    r_rows = _rows_for(rart, "real")
+    if len(g_rows) == 0:
+        raise GanprintError(f"{gart.base}{TENSOR_SUFFIX}: no generated images in it; check --generated")
+    if len(r_rows) == 0:
+        raise GanprintError(f"{rart.base}{TENSOR_SUFFIX}: no real images in it; check --real")
+
+    ref_art = None
+    ref_rows = None
+    ref_emb = None
+    ref_exclude = None
+    if reference is not None:
+        ref_art = _load_embeddings(reference, "reference")
+        check_comparable(gart.provenance, f"{gart.base}{TENSOR_SUFFIX}", ref_art.provenance,
+                         f"{ref_art.base}{TENSOR_SUFFIX}")
+        ref_rows = _rows_for(ref_art, "reference")
+        if len(ref_rows) == 0:
+            raise GanprintError(f"{ref_art.base}{TENSOR_SUFFIX}: no reference images in it; pass known non-members")
+        ref_emb = ref_art.tensor("embeddings")[torch.as_tensor(ref_rows)]
+        # a real image that is also in the reference set must not count as its own neighbour
+        if "sha256" in ref_art.table.columns and "sha256" in rart.table.columns:
+            pos = {h: i for i, h in enumerate(ref_art.table["sha256"].to_numpy()[ref_rows])}
+            ref_exclude = torch.as_tensor([pos.get(h, -1) for h in rart.table["sha256"].to_numpy()[r_rows]],
+                                          dtype=torch.long)
+
+    gen_emb = gart.tensor("embeddings")[torch.as_tensor(g_rows)]
+    real_emb = rart.tensor("embeddings")[torch.as_tensor(r_rows)]
+    tensors = compute_similarity(gen_emb, real_emb, ref=ref_emb, ref_exclude=ref_exclude, metric=metric, k=k,
+                                 full=full, block=block, device=dev, engine=engine, realref=realref)
+    tensors["gen_rows"] = torch.as_tensor(g_rows, dtype=torch.long)
+    tensors["real_rows"] = torch.as_tensor(r_rows, dtype=torch.long)
+    if ref_rows is not None:
+        tensors["ref_rows"] = torch.as_tensor(ref_rows, dtype=torch.long)
+        if ref_exclude is not None:
+            tensors["realref_exclude"] = ref_exclude
+
+    rt = rart.table.iloc[r_rows]
+    vals = tensors["real_topk_values"]
+    table = pd.DataFrame({
+        "image_id": rt["image_id"].astype(str).to_numpy(),
+        "subset": rt["subset"].to_numpy() if "subset" in rt.columns else None,
+        "label": (rt["label"].astype("Int8").to_numpy() if "label" in rt.columns
+                  else pd.array([pd.NA] * len(rt), dtype="Int8")),
+        "emb_row": np.asarray(r_rows, dtype=np.int64),
+        "max_sim": vals[:, 0].numpy().astype(np.float64),
+        "mean_topk": vals.mean(1).numpy().astype(np.float64),
+    })
+    table["label"] = table["label"].astype("Int8")
+    kk = int(vals.shape[1])
+    prov = base_provenance(
+        "similarity", "simmatrix",
+        metric=metric,
+        k=kk,
+        k_requested=k,
+        full="matrix" in tensors,
+        engine=engine,
+        block=block,
+        device=dev.type,
+        realref=("realref_topk_values" in tensors),
+        generated=_source_info(gart, g_rows, "generated"),
+        real=_source_info(rart, r_rows, "real"),
+        reference=None if ref_art is None else _source_info(ref_art, ref_rows, "reference"),
+        rows=len(table),
+    )
+    # comparable_key of the sources, flattened, so later stages can compare similarity artifacts
+    prov.update({key: val for key, val in comparable_key(gart.provenance).items() if key != "checkpoint"})
+    prov["checkpoint"] = gart.provenance.get("checkpoint")
+    base = write_artifact(out, tensors, table, prov)
+    return SimmatrixOutcome(base, len(g_rows), len(r_rows), None if ref_rows is None else len(ref_rows), kk,
+                            "matrix" in tensors, time.perf_counter() - t0, prov)
