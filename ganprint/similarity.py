@@ -46,6 +46,15 @@ KEY_BLOCK_FACTOR = 4  # tiles are [block, 4*block]: wide tiles keep the matmul e
 CHUNK = 64  # run length for the run-maximum prefilter (cost ~ m/chunk + k*chunk per row)
 FULL_AUTO_MAX = 1 << 22  # store the full matrix automatically up to 4M values (16 MiB)
 
+def preload(*extra: str) -> None:
+    """Import the heavy modules now; a stage reading its input path from a pipe calls this first,
+    so its start-up overlaps the upstream stage instead of following it."""
+    import importlib
+
+    for name in ("torch", "pandas", "pyarrow.parquet", "safetensors.torch", *extra):
+        importlib.import_module(name)
+
+
 # ---------------------------------------------------------------------------------------------
 # comparability
 

@@ -24,6 +24,9 @@ app = typer.Typer(
 # order = order in --help; each module defines register(app)
 COMMAND_MODULES: tuple[str, ...] = (
     "embed",
+    "simmatrix",
+    "predict",
+    "score",
     "train",
     "fuse",
     "info",

@@ -1,0 +1,65 @@
+"""``ganprint simmatrix``: embeddings artifacts -> similarity artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ganprint.cli.options import DEVICE_HELP, handle_errors, print_json
+
+
+@handle_errors
+def simmatrix(
+    dataset: Optional[str] = typer.Argument(None, help="Embeddings of an ImageCLEF layout: 'generated' is G, every "
+                                                       "'real_*' subset is R (- reads the path from stdin)."),
+    generated: Optional[str] = typer.Option(None, "--generated", "-g", help="Embeddings artifact of the generated images."),
+    real: Optional[str] = typer.Option(None, "--real", "-r", help="Embeddings artifact of the real images."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Embeddings of known non-members (label-0 rows "
+                                                                      "if labelled) for calibrated attacks [default: the other real images]."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact base path: writes OUT.safetensors and OUT.parquet."),
+    metric: str = typer.Option("cosine", "--metric", help="cosine or l2 (stored as -distance: larger = more similar)."),
+    k: int = typer.Option(10, "--k", "-k", help="Neighbours kept per image."),
+    full: Optional[bool] = typer.Option(None, "--full/--no-full", help="Store the full G x R matrix "
+                                                                       "[default: when G*R <= 4M]."),
+    block: int = typer.Option(2048, "--block", help="Rows per tile; tiles are block x 4*block floats (peak memory)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    engine: str = typer.Option("torch", "--engine", help="torch (exact, blocked) or faiss (exact flat index; needs faiss-cpu)."),
+    realref: bool = typer.Option(True, "--realref/--no-realref", help="Also store each real image's nearest reference/real images."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the artifact path."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No log line."),
+) -> None:
+    """Generated x real similarity (top-k both ways, full matrix when small). Prints the artifact path."""
+    from ganprint.artifacts import resolve_artifact_arg
+    from ganprint.errors import GanprintError
+    from ganprint.progress import log
+    from ganprint.similarity import run_simmatrix
+
+    args = [a for a in (dataset, generated, real, reference) if a == "-"]
+    if len(args) > 1:
+        raise GanprintError("only one artifact can come from stdin (-)")
+    if args:
+        from ganprint.similarity import preload
+
+        preload()  # import while the upstream stage still runs
+
+    def res(a):
+        return None if a is None else resolve_artifact_arg(a)
+
+    outcome = run_simmatrix(out, res(dataset), res(generated), res(real), res(reference), metric=metric, k=k,
+                            full=full, block=block, device=device, engine=engine, realref=realref)
+    if not quiet:
+        ref = f", reference {outcome.n_reference}" if outcome.n_reference is not None else ""
+        log(f"similarity {outcome.n_generated} generated x {outcome.n_real} real{ref} ({metric}, top-{outcome.k}"
+            f"{', full matrix' if outcome.full else ''}) in {outcome.seconds:.1f}s")
+    if as_json:
+        print_json({"artifact": str(outcome.base), "generated": outcome.n_generated, "real": outcome.n_real,
+                    "reference": outcome.n_reference, "k": outcome.k, "full": outcome.full, "metric": metric,
+                    "seconds": round(outcome.seconds, 3)})
+    else:
+        typer.echo(str(outcome.base))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("simmatrix")(simmatrix)
