@@ -2,7 +2,7 @@
 
 Similarity is cosine (default) or negative L2 distance, so that *larger = more similar* for both.
 Small problems store the full matrix ``[G, R]``; large ones are searched in tiles of
-``[block, 4 * block]`` values and only the top-k per row survive, so peak memory is bounded by
+``[block, 16 * block]`` values and only the top-k per row survive, so peak memory is bounded by
 ``--block`` and not by ``G * R``.
 
 Exact top-k per tile without sorting the tile: the tile is cut into runs of ``chunk`` columns
@@ -41,8 +41,8 @@ from ganprint.errors import ArtifactError, GanprintError
 METRICS = ("cosine", "l2")
 ENGINES = ("torch", "faiss")
 DEFAULT_K = 10
-DEFAULT_BLOCK = 2048
-KEY_BLOCK_FACTOR = 4  # tiles are [block, 4*block]: wide tiles keep the matmul efficient
+DEFAULT_BLOCK = 1024
+KEY_BLOCK_FACTOR = 16  # tiles [block, 16*block]: wide tiles amortise the per-row selection cost
 CHUNK = 64  # run length for the run-maximum prefilter (cost ~ m/chunk + k*chunk per row)
 FULL_AUTO_MAX = 1 << 22  # store the full matrix automatically up to 4M values (16 MiB)
 
@@ -217,7 +217,7 @@ def topk_search(
     queries [Q, D], keys [K, D] (float; normalised here for cosine unless ``prepared``);
     ``exclude`` int64 [Q]: one key index to skip per query (-1: none), e.g. the query itself.
     Returns (per query TopK [Q, k], per key TopK [K, key_k] over queries or None,
-    full matrix [K, Q] (keys x queries, CPU) or None).  Peak extra memory ~ 4*block^2 floats
+    full matrix [K, Q] (keys x queries, CPU) or None).  Peak extra memory ~ 16*block^2 floats
     (+ the matrix when asked for).
     """
     import torch

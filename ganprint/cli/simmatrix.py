@@ -23,7 +23,7 @@ def simmatrix(
     k: int = typer.Option(10, "--k", "-k", help="Neighbours kept per image."),
     full: Optional[bool] = typer.Option(None, "--full/--no-full", help="Store the full G x R matrix "
                                                                        "[default: when G*R <= 4M]."),
-    block: int = typer.Option(2048, "--block", help="Rows per tile; tiles are block x 4*block floats (peak memory)."),
+    block: int = typer.Option(1024, "--block", help="Rows per tile; a tile is block x 16*block floats (64 MiB at 1024): bounds peak memory."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     engine: str = typer.Option("torch", "--engine", help="torch (exact, blocked) or faiss (exact flat index; needs faiss-cpu)."),
     realref: bool = typer.Option(True, "--realref/--no-realref", help="Also store each real image's nearest reference/real images."),
