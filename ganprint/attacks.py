@@ -116,6 +116,13 @@ class AttackContext:
         return int(self.embeddings("gen").shape[0])
 
     @property
+    def n_ref(self) -> int:
+        """Size of the reference set (the real set without a separate one)."""
+        if "ref_rows" in self.tensors:
+            return int(self.tensors["ref_rows"].shape[0])
+        return int(self.embeddings("ref").shape[0]) if self.has_reference else self.n_real
+
+    @property
     def k(self) -> int:
         return int(self.tensors["real_topk_values"].shape[1])
 
@@ -324,10 +331,10 @@ def max_sim(ctx: AttackContext):
 def topk_mean(ctx: AttackContext, k: int = 5):
     """Mean of the k largest s(x, g) (k <= the artifact's k)."""
     _check_k(ctx, k)
-    if k > ctx.k:
+    if k > ctx.k and ctx.k < ctx.n_gen:
         raise GanprintError(f"--param k={k}: {ctx.source} keeps only the top {ctx.k}; re-run simmatrix with --k {k}")
     v, _ = ctx.real_topk()
-    return v[:, :k].mean(1)
+    return v[:, :k].mean(1)  # k > G: all generated images
 
 
 def monte_carlo(ctx: AttackContext, quantile: float = 0.5):
@@ -372,10 +379,12 @@ def gan_leaks_cal(ctx: AttackContext):
 
 
 def dist_ratio(ctx: AttackContext, n: int = 5, eps: float = 1e-12):
-    """Carlini et al. 2023: -d(x, nearest g) / mean_{r in n nearest reals} d(x, r)."""
+    """Carlini et al. 2023: -d(x, nearest g) / mean_{r in n nearest reals} d(x, r); the reals are
+    the reference set (or the other real images), n at most their number."""
     _check_k(ctx, n, "n")
     rv, _ = ctx.realref_topk()
-    if n > rv.shape[1]:
+    n_avail = (ctx.n_ref if ctx.has_reference else ctx.n_real - 1)
+    if n > rv.shape[1] and rv.shape[1] < n_avail:
         raise GanprintError(f"--param n={n}: {ctx.source} keeps only {rv.shape[1]} real neighbours; "
                             f"re-run simmatrix with --k {n} (and enough real images)")
     v, _ = ctx.real_topk()

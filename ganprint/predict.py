@@ -201,7 +201,9 @@ def predict(
         thr, kap = calibrate_threshold(dev_scores[known], truth[known].astype(np.int64))
         dec = Decision(decide_threshold(scores, thr), rule, thr, dev_kappa=kap,
                        dev={"path": str(Path(dev.base).resolve()), "n": int(known.sum()),
-                            "n_pos": int(truth[known].sum()), "pair_id": dev.provenance.get("pair_id")})
+                            "n_pos": int(truth[known].sum()), "pair_id": dev.provenance.get("pair_id"),
+                            # the cut was tuned on the very images it labels: the dev kappa is optimistic
+                            "same_as_test": dev.provenance.get("pair_id") == art.provenance.get("pair_id")})
     return Prediction(ids, scores, dec, attack, params, _truth(art.table), str(Path(art.base).resolve()),
                       dict(art.provenance))
 

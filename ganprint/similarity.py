@@ -106,6 +106,8 @@ def _prepare(x, metric: str):
     x = torch.as_tensor(x).float()
     if x.dim() != 2:
         raise GanprintError(f"embeddings must be a 2-d tensor [N, D], got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise GanprintError("embeddings contain NaN or infinite values; re-run `ganprint embed` (corrupt artifact?)")
     if metric == "cosine":
         x = torch.nn.functional.normalize(x, dim=1)
     return x.contiguous()

@@ -89,6 +89,9 @@ def predict(
         if res.submission:
             msg += f"; submission {res.submission}"
         log(msg)
+        if d.dev and d.dev.get("same_as_test"):
+            log("[yellow]warning[/yellow]: calibrated on the images it labels: the dev kappa is optimistic; "
+                "calibrate on a separate dev set to estimate performance")
         if d.rule == "threshold" and res.n_pos in (0, len(pred.image_ids)):
             log(f"[yellow]warning[/yellow]: --threshold {d.threshold} labels every image {int(res.n_pos > 0)}; "
                 "kappa will be 0 (try --calibrate DEV or --balanced)")

@@ -73,7 +73,7 @@ def test_cli_predict_score_and_errors(tmp_path):
                               "--calibrate", sim])
     assert res.exit_code == 0, res.stderr
     assert res.stdout.strip() == str(tmp_path / "p")
-    assert "dev kappa" in res.stderr
+    assert "dev kappa" in res.stderr and "optimistic" in res.stderr
     res = runner.invoke(app, ["score", str(tmp_path / "p"), "--bootstrap", "20", "--plot", str(tmp_path / "roc.png")])
     assert res.exit_code == 0, res.stderr
     assert "Cohen's kappa" in res.stdout and (tmp_path / "roc.png").exists()
