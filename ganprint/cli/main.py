@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "score",
     "train",
     "fuse",
+    "synth",
     "info",
     "demo",
 )

@@ -1,0 +1,76 @@
+"""``ganprint synth``: a synthetic membership benchmark (real GAN, known members) in the ImageCLEF layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ganprint.cli.options import DEVICE_HELP, handle_errors, print_json
+
+REGIME_NAMES = ("memorize", "balanced", "generalize")
+
+
+def _complete_regime(incomplete: str) -> list[str]:
+    return [r for r in REGIME_NAMES if r.startswith(incomplete)]
+
+
+@handle_errors
+def synth(
+    out: Path = typer.Argument(..., help="Output folder: OUT/dev, OUT/test, OUT/test_truth.csv, OUT/synth.json, OUT/generator.safetensors."),
+    regime: str = typer.Option("memorize", "--regime", "-r", autocompletion=_complete_regime,
+                               help="memorize (few members, many steps: strong signal), balanced, or generalize (many members: weak signal)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the phantoms, the split, the GAN and its samples."),
+    size: Optional[int] = typer.Option(None, "--size", help="Output image size in pixels (square). [default: 256]"),
+    dev_real: Optional[int] = typer.Option(None, "--dev-real", help="Dev real_used and real_not_used images, each. [default: regime's]"),
+    test_real: Optional[int] = typer.Option(None, "--test-real", help="Test members and non-members in real_unknown, each. [default: regime's]"),
+    dev_generated: Optional[int] = typer.Option(None, "--dev-generated", help="Generated images in dev. [default: 500]"),
+    test_generated: Optional[int] = typer.Option(None, "--test-generated", help="Generated images in test. [default: 1000]"),
+    slices_per_patient: Optional[int] = typer.Option(None, "--slices-per-patient", help="Neighbouring slices per phantom patient (near-duplicates). [default: 2]"),
+    real_dir: Optional[Path] = typer.Option(None, "--real-dir", help="Use your own real images (a folder) instead of phantoms."),
+    group_by_folder: bool = typer.Option(False, "--group-by-folder", help="With --real-dir: images in one sub-folder are one patient (never split)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="GAN training steps. [default: regime's]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GAN batch size. [default: regime's]"),
+    gan_res: Optional[int] = typer.Option(None, "--gan-res", help="GAN working resolution, a power of two; samples are upsampled to --size. [default: 64]"),
+    gan_width: Optional[int] = typer.Option(None, "--gan-width", help="GAN channel width (generator's last, discriminator's first layer). [default: regime's]"),
+    z_dim: Optional[int] = typer.Option(None, "--z-dim", help="GAN latent size. [default: 64]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate of both networks. [default: 2e-4]"),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Loss curve in synth.json: one point per this many steps. [default: 25]"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch [default: torch's own]."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists and is not empty."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the output path."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Build a benchmark with known membership: real images, a GAN trained on some of them, its samples.
+
+    Prints OUT (for pipes); OUT/test_truth.csv holds the answers, OUT/synth.json the provenance.
+    """
+    from ganprint.progress import log
+    from ganprint.synth import resolve_config, run_synth
+
+    cfg = resolve_config(
+        regime, seed=seed, size=size, dev_real=dev_real, test_real=test_real, dev_generated=dev_generated,
+        test_generated=test_generated, slices_per_patient=slices_per_patient,
+        real_dir=str(real_dir) if real_dir is not None else None, group_by_folder=group_by_folder or None,
+        steps=steps, batch_size=batch_size, gan_res=gan_res, gan_width=gan_width, z_dim=z_dim, lr=lr,
+        log_every=log_every, device=device, threads=threads,
+    )
+    res = run_synth(out, cfg, force=force, progress=not quiet)
+    if not quiet:
+        c = res.counts
+        log(f"synth ({cfg.regime}): {c['train_images']} members trained {cfg.steps} steps on {res.device}; "
+            f"dev {c['dev']['generated']} generated / {c['dev'].get('real_used', 0)} used / "
+            f"{c['dev'].get('real_not_used', 0)} not used, test {c['test']['generated']} generated / "
+            f"{c['test'].get('real_unknown', 0)} unknown in {res.seconds['total']:.1f}s")
+    if as_json:
+        print_json({"out": str(res.out), "regime": cfg.regime, "seed": cfg.seed, "counts": res.counts,
+                    "seconds": res.seconds, "generator_sha256": res.generator_sha256, "device": res.device,
+                    "final_losses": res.final_losses})
+    else:
+        typer.echo(str(res.out))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("synth")(synth)

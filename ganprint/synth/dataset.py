@@ -1,0 +1,526 @@
+"""``synth`` stage: real images -> member / non-member split -> GAN trained on members -> ImageCLEF layout.
+
+Output (``OUT``)::
+
+    dev/generated/          generated_dev_00001.png ...   sampled from the generator
+    dev/real_used/          real_used_0001.png ...        members (label 1)
+    dev/real_not_used/      real_not_used_0001.png ...    non-members (label 0)
+    test/generated/         generated_test_00001.png ...
+    test/real_unknown/      real_unknown_0001.png ...     members and non-members, shuffled
+    test_truth.csv          image_id,label   (image_id = file name without extension)
+    generator.safetensors   the trained generator (architecture in its metadata)
+    synth.json              parameters, seed, counts, timings, loss curve, digests, image list
+
+All images are 8-bit palette PNGs (mode "P", grayscale palette) at ``size`` x ``size``, as the
+2025 task data.  The generator's training set is exactly the members of dev and test.  Real
+images are split by *patient* (a group of neighbouring slices), so a patient is never both a
+member and a non-member and never in both dev and test.
+
+Everything is written to a temporary folder next to ``OUT`` and renamed at the end, so a failed
+run leaves no half-written dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ganprint import __version__
+from ganprint.errors import GanprintError
+
+SYNTH_FORMAT = 1
+SUBSETS_DEV = ("generated", "real_used", "real_not_used")
+SUBSETS_TEST = ("generated", "real_unknown")
+GRAY_PALETTE = bytes(v for i in range(256) for v in (i, i, i))
+
+# Regimes trade training-set size against training steps per image: few members seen many
+# times are memorised (strong membership signal); many members seen a few times are not.
+# Defaults are sized to finish within about 5 minutes on a 2-core CPU.
+REGIMES: dict[str, dict[str, Any]] = {
+    "memorize": {"dev_real": 32, "test_real": 32, "steps": 2000},
+    "balanced": {"dev_real": 100, "test_real": 100, "steps": 2000},
+    "generalize": {"dev_real": 300, "test_real": 300, "steps": 2000},
+}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Every parameter of a synth run; ``None`` fields of the CLI take the regime's value."""
+
+    regime: str = "memorize"
+    seed: int = 0
+    size: int = 256  # output images: size x size
+    dev_real: int = 32  # dev: this many real_used and this many real_not_used
+    test_real: int = 32  # test: this many members and this many non-members in real_unknown
+    dev_generated: int = 500
+    test_generated: int = 1000
+    slices_per_patient: int = 2  # neighbouring slices per phantom patient (near-duplicates)
+    real_dir: str | None = None
+    group_by_folder: bool = False  # --real-dir: images in one sub-folder are one patient
+    gan_res: int = 64
+    gan_width: int = 16
+    z_dim: int = 64
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 2e-4
+    log_every: int = 25
+    device: str = "auto"
+    threads: int | None = None  # torch CPU threads for this run (None: torch's default)
+
+    @property
+    def members(self) -> int:
+        return self.dev_real + self.test_real
+
+    @property
+    def real_needed(self) -> int:
+        return 2 * (self.dev_real + self.test_real)
+
+
+def resolve_config(regime: str = "memorize", **overrides: Any) -> SynthConfig:
+    """The regime's defaults with every non-``None`` override applied, validated."""
+    if regime not in REGIMES:
+        raise GanprintError(f"--regime {regime}: unknown regime; use one of {', '.join(REGIMES)}")
+    base = {**REGIMES[regime], **{k: v for k, v in overrides.items() if v is not None}}
+    unknown = set(base) - {f.name for f in SynthConfig.__dataclass_fields__.values()}
+    if unknown:
+        raise TypeError(f"unknown synth parameters: {sorted(unknown)}")
+    cfg = SynthConfig(regime=regime, **base)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: SynthConfig) -> None:
+    checks = [
+        ("--size", cfg.size, 16), ("--dev-real", cfg.dev_real, 1), ("--test-real", cfg.test_real, 1),
+        ("--dev-generated", cfg.dev_generated, 1), ("--test-generated", cfg.test_generated, 1),
+        ("--slices-per-patient", cfg.slices_per_patient, 1), ("--gan-width", cfg.gan_width, 1),
+        ("--z-dim", cfg.z_dim, 1), ("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1),
+        ("--log-every", cfg.log_every, 1), ("--threads", cfg.threads if cfg.threads is not None else 1, 1),
+    ]
+    for name, value, lo in checks:
+        if value < lo:
+            raise GanprintError(f"{name} {value}: must be at least {lo}")
+    if cfg.gan_res < 16 or cfg.gan_res & (cfg.gan_res - 1):
+        raise GanprintError(f"--gan-res {cfg.gan_res}: must be a power of two >= 16 (e.g. 32, 64, 128)")
+    if cfg.gan_res > cfg.size:
+        raise GanprintError(f"--gan-res {cfg.gan_res}: larger than --size {cfg.size}; lower --gan-res or raise --size")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise GanprintError(f"--lr {cfg.lr}: must be a positive number")
+    if cfg.group_by_folder and not cfg.real_dir:
+        raise GanprintError("--group-by-folder: only applies to --real-dir; pass --real-dir DIR or drop the option")
+
+
+# ---------------------------------------------------------------------------------------------
+# real images and the split
+
+
+@dataclass
+class RealSet:
+    """Real images uint8 [N, size, size]; per image: ``group`` [N] patient id, ``assign`` [N] class
+    (see :func:`split_groups`), ``source`` a dict describing where it came from."""
+
+    images: np.ndarray
+    group: np.ndarray
+    assign: np.ndarray
+    source: list[dict]
+
+
+def _fit_square(arr: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W] -> [size, size]: centre crop to a square (no distortion), then resize."""
+    from PIL import Image
+
+    h, w = arr.shape
+    s = min(h, w)
+    y0, x0 = (h - s) // 2, (w - s) // 2
+    arr = arr[y0:y0 + s, x0:x0 + s]
+    if s == size:
+        return np.ascontiguousarray(arr)
+    return np.asarray(Image.fromarray(arr).resize((size, size), Image.LANCZOS))
+
+
+def resize_batch(images: np.ndarray, size: int, resample: str = "lanczos") -> np.ndarray:
+    """uint8 [N, H, W] -> uint8 [N, size, size] with PIL (deterministic, antialiased)."""
+    from PIL import Image
+
+    if images.shape[1:] == (size, size):
+        return images.copy()
+    method = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC}[resample]
+    out = np.empty((len(images), size, size), dtype=np.uint8)
+    for i, im in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(im).resize((size, size), method))
+    return out
+
+
+def _groups_needed(cfg: SynthConfig) -> list[int]:
+    """Patients needed for each of the 4 classes (dev used, dev not used, test used, test not used)."""
+    spp = cfg.slices_per_patient
+    return [math.ceil(n / spp) for n in (cfg.dev_real, cfg.dev_real, cfg.test_real, cfg.test_real)]
+
+
+def phantom_reals(cfg: SynthConfig, on_image=None) -> RealSet:
+    from ganprint.synth.phantoms import make_patient, render_slice
+
+    n_pat = sum(_groups_needed(cfg))
+    imgs, group, source = [], [], []
+    for i in range(n_pat):
+        rng = np.random.default_rng([cfg.seed, i, 0x5EED])
+        p = make_patient(rng, seed=i)
+        z0 = rng.uniform(-2.0, 2.0)
+        for j in range(cfg.slices_per_patient):
+            imgs.append(render_slice(p, z0 + j, cfg.size, rng))
+            group.append(i)
+            source.append({"patient": i, "slice": j})
+            if on_image:
+                on_image()
+    group = np.asarray(group, dtype=np.int64)
+    return RealSet(np.stack(imgs), group, split_groups(group, cfg), source)
+
+
+def folder_reals(cfg: SynthConfig, on_image=None) -> RealSet:
+    """Images of ``cfg.real_dir`` (gray, centre-cropped, resized); only the ones the split uses are decoded."""
+    from ganprint.data import discover, load_image, to_gray
+
+    root = Path(cfg.real_dir).expanduser()
+    if not root.is_dir():
+        raise GanprintError(f"--real-dir {cfg.real_dir}: not a folder; pass a folder of real images")
+    records, _ = discover([str(root)])
+    need = cfg.real_needed
+    if len(records) < need:
+        raise GanprintError(
+            f"--real-dir {cfg.real_dir}: holds {len(records)} images, the split needs {need} "
+            f"(dev {cfg.dev_real} used + {cfg.dev_real} not used, test {cfg.test_real} + {cfg.test_real}); "
+            "add images or lower --dev-real/--test-real"
+        )
+    if cfg.group_by_folder:
+        keys = [str(Path(r.relpath).parent) for r in records]
+    else:
+        keys = [r.relpath for r in records]
+    names = sorted(set(keys))
+    gid = {k: i for i, k in enumerate(names)}
+    group = np.asarray([gid[k] for k in keys], dtype=np.int64)
+    if len(names) < 4:
+        raise GanprintError(
+            f"--real-dir {cfg.real_dir}: only {len(names)} patient folder(s); the split needs at least 4 "
+            "(members and non-members in dev and test); drop --group-by-folder or add folders"
+        )
+    # decide the split on the file list first, so a big folder costs only the images used
+    assign = split_groups(group, cfg)
+    keep = np.flatnonzero(assign >= 0)
+    imgs, source = [], []
+    for i in keep:
+        rec = records[i]
+        imgs.append(_fit_square(to_gray(load_image(rec.path)), cfg.size))
+        source.append({"patient": int(group[i]), "source": rec.relpath})
+        if on_image:
+            on_image()
+    return RealSet(np.stack(imgs), group[keep], assign[keep], source)
+
+
+CLASSES = (("dev", "real_used", 1), ("dev", "real_not_used", 0), ("test", "real_unknown", 1), ("test", "real_unknown", 0))
+
+
+def split_groups(group: np.ndarray, cfg: SynthConfig) -> np.ndarray:
+    """Class index per image (0 dev member, 1 dev non-member, 2 test member, 3 test non-member, -1 unused).
+
+    Patients are shuffled with the seed and dealt to the classes in turn until each has its
+    count; a class's last patient may be cut short.  Raises when patients run out (a few big
+    patient folders can hold enough images but not enough separate patients).
+    """
+    wanted = [cfg.dev_real, cfg.dev_real, cfg.test_real, cfg.test_real]
+    rng = np.random.default_rng([cfg.seed, 0x5B117])
+    uniq = np.unique(group)
+    order = uniq[rng.permutation(len(uniq))]
+    members_of = {g: np.flatnonzero(group == g) for g in uniq}
+    assign = np.full(len(group), -1, dtype=np.int64)
+    filled = [0, 0, 0, 0]
+    k = 0
+    pending = [c for c in range(4)]
+    for g in order:
+        if not pending:
+            break
+        c = pending[k % len(pending)]
+        idx = members_of[g][: wanted[c] - filled[c]]
+        assign[idx] = c
+        filled[c] += len(idx)
+        if filled[c] >= wanted[c]:
+            pending.remove(c)
+        else:
+            k += 1
+    if pending:
+        raise GanprintError(
+            f"--real-dir {cfg.real_dir}: its {len(uniq)} patients cannot fill the split "
+            f"(dev {cfg.dev_real}+{cfg.dev_real}, test {cfg.test_real}+{cfg.test_real} images, a patient in one class only); "
+            "add patients or lower --dev-real/--test-real"
+        )
+    return assign
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def save_palette_png(arr: np.ndarray, path: Path) -> None:
+    """uint8 [H, W] -> 8-bit palette PNG whose palette index i is gray level i."""
+    from PIL import Image
+
+    h, w = arr.shape
+    im = Image.frombytes("P", (w, h), np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
+    im.putpalette(GRAY_PALETTE)
+    im.save(path, format="PNG")
+
+
+def _ids(prefix: str, n: int, width: int = 4) -> list[str]:
+    w = max(width, len(str(n)))
+    return [f"{prefix}_{i:0{w}d}" for i in range(1, n + 1)]
+
+
+@dataclass
+class SynthOutcome:
+    out: Path
+    config: SynthConfig
+    counts: dict
+    seconds: dict
+    generator_sha256: str
+    device: str
+    final_losses: dict = field(default_factory=dict)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise GanprintError(f"{out}: exists and is not a folder; choose another OUT")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise GanprintError(f"{out}: folder exists and is not empty; choose another OUT or pass --force to replace it")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GanprintError(f"{parent}: cannot create the output's parent folder ({exc.strerror}); choose another OUT") from exc
+    if not os.access(parent, os.W_OK):
+        raise GanprintError(f"{parent}: not writable; choose another OUT")
+
+
+class _Deterministic:
+    """Deterministic algorithms (and the thread count, if given) for the run; the caller's settings after."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
+    def __enter__(self):
+        import torch
+
+        self.prev_threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.prev = torch.are_deterministic_algorithms_enabled()
+        self.prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+        # warn_only: on CUDA a few kernels have no deterministic version; CPU runs are exact anyway
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.use_deterministic_algorithms(self.prev, warn_only=self.prev_warn)
+        torch.set_num_threads(self.prev_threads)
+        return False
+
+
+class _Bar:
+    """One rich progress bar on stderr for one phase, or nothing when ``enabled`` is false."""
+
+    def __init__(self, enabled: bool, label: str, unit: str, total: int, *fields: str) -> None:
+        self.progress = self.task = None
+        if enabled:
+            from ganprint.progress import make_progress
+
+            self.progress = make_progress(label, unit, *fields)
+            self.task = self.progress.add_task(label, total=total, **dict.fromkeys(fields, ""))
+
+    def tick(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def __enter__(self) -> "_Bar":
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.progress is not None:
+            self.progress.stop()
+        return False
+
+
+def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, force: bool = False,
+              progress: bool = True, **overrides: Any) -> SynthOutcome:
+    """Build a synthetic membership benchmark in ``out`` (see the module docstring).
+
+    ``config`` or ``overrides`` (``regime=``, ``steps=``, ... as in :class:`SynthConfig`) choose the
+    parameters.  Returns a :class:`SynthOutcome`; raises :class:`GanprintError` on bad input.
+    """
+    import torch
+
+    from ganprint.artifacts import sha256_file
+    from ganprint.device import resolve_device
+    from ganprint.synth.gan import GanConfig, sample, save_generator, train_gan
+
+    cfg = config if config is not None else resolve_config(**overrides)
+    if config is not None and overrides:
+        cfg = replace(config, **overrides)
+    _validate(cfg)
+    out = Path(out).expanduser()
+    _check_out(out, force)
+    dev = resolve_device(cfg.device)
+    t_all = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    with _Deterministic(cfg.threads):
+        # -- real images
+        t = time.perf_counter()
+        with _Bar(progress, "synth: real images", "img/s", cfg.real_needed) as bar:
+            reals = folder_reals(cfg, on_image=bar.tick) if cfg.real_dir else phantom_reals(cfg, on_image=bar.tick)
+        assign = reals.assign
+        seconds["real_images"] = time.perf_counter() - t
+
+        # -- the generator, trained on the members of dev and test
+        members = np.flatnonzero((assign == 0) | (assign == 2))
+        train_imgs = resize_batch(reals.images[members], cfg.gan_res)
+        gcfg = GanConfig(res=cfg.gan_res, z_dim=cfg.z_dim, ngf=cfg.gan_width, ndf=cfg.gan_width,
+                         batch_size=cfg.batch_size, steps=cfg.steps, lr_g=cfg.lr, lr_d=cfg.lr,
+                         log_every=cfg.log_every)
+        with _Bar(progress, f"synth: train GAN ({len(members)} members)", "it/s", cfg.steps, "loss") as bar:
+            def on_step(step: int, losses: dict) -> None:
+                if bar.progress is not None and (step % 10 == 0 or step == cfg.steps):
+                    bar.progress.update(bar.task, completed=step,
+                                        loss=f"D {losses['loss_d']:.3f}  G {losses['loss_g']:.3f}")
+
+            res = train_gan(train_imgs, gcfg, dev, seed=cfg.seed, on_step=on_step)
+        seconds["train"] = res.seconds
+
+        # -- sampling: dev and test from separate noise streams
+        t = time.perf_counter()
+        gen_dev = resize_batch(sample(res.generator, cfg.dev_generated, cfg.z_dim, cfg.seed * 2 + 101, dev),
+                               cfg.size, "bicubic")
+        gen_test = resize_batch(sample(res.generator, cfg.test_generated, cfg.z_dim, cfg.seed * 2 + 102, dev),
+                                cfg.size, "bicubic")
+        seconds["sample"] = time.perf_counter() - t
+        threads_used = torch.get_num_threads()
+
+    # -- writing, into a temporary folder renamed at the end
+    t = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        with _Bar(progress, "synth: write PNGs", "img/s",
+                  cfg.dev_generated + cfg.test_generated + cfg.real_needed) as bar:
+            images = _write_layout(tmp, cfg, reals, assign, gen_dev, gen_test, bar.tick)
+        gen_path = tmp / "generator.safetensors"
+        save_generator(res.generator, gcfg, gen_path,
+                       extra={"ganprint_version": __version__, "seed": cfg.seed, "regime": cfg.regime})
+        digest = sha256_file(gen_path)
+        seconds["write"] = time.perf_counter() - t
+        seconds["total"] = time.perf_counter() - t_all
+        counts = _counts(images, cfg)
+        summary = {
+            "format": SYNTH_FORMAT,
+            "ganprint_version": __version__,
+            "stage": "synth",
+            "config": asdict(cfg),
+            "regime_defaults": REGIMES[cfg.regime],
+            "seed": cfg.seed,
+            "source": "real_dir" if cfg.real_dir else "phantoms",
+            "counts": counts,
+            "generator": {
+                "file": "generator.safetensors", "sha256": digest, "arch": "dcgan-sn-hinge",
+                "config": asdict(gcfg), "train_images": int(len(members)),
+                "epochs": round(cfg.steps * cfg.batch_size / max(1, len(members)), 2),
+                "steps_per_s": round(res.steps_per_s, 3),
+            },
+            "curve": res.curve,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "device": str(dev),
+            "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                            "numpy": np.__version__, "torch_threads": threads_used},
+            "images": images,
+        }
+        with open(tmp / "synth.json", "w") as fh:
+            json.dump(summary, fh, indent=1, sort_keys=True)
+            fh.write("\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    final = res.curve[-1] if res.curve else {}
+    return SynthOutcome(out=out, config=cfg, counts=counts, seconds=summary["seconds"], generator_sha256=digest,
+                        device=str(dev), final_losses={k: final.get(k) for k in ("loss_d", "loss_g")})
+
+
+def _write_layout(root: Path, cfg: SynthConfig, reals: RealSet, assign: np.ndarray,
+                  gen_dev: np.ndarray, gen_test: np.ndarray, tick=None) -> list[dict]:
+    """Write the PNGs and ``test_truth.csv`` under ``root``; returns one record per real image."""
+    for d in ("dev/generated", "dev/real_used", "dev/real_not_used", "test/generated", "test/real_unknown"):
+        (root / d).mkdir(parents=True)
+    for sub, arr in (("dev", gen_dev), ("test", gen_test)):
+        for image_id, im in zip(_ids(f"generated_{sub}", len(arr), 5), arr):
+            save_palette_png(im, root / sub / "generated" / f"{image_id}.png")
+            if tick:
+                tick()
+    # names are handed out in a seeded random order, so file order says nothing about
+    # membership or patient (neighbouring slices do not get neighbouring names)
+    rng = np.random.default_rng([cfg.seed, 0x1D5])
+    records: list[dict] = []
+    for subset, classes in (("real_used", [0]), ("real_not_used", [1]), ("real_unknown", [2, 3])):
+        idx = np.flatnonzero(np.isin(assign, classes))
+        idx = idx[rng.permutation(len(idx))]
+        split = "dev" if subset != "real_unknown" else "test"
+        for image_id, i in zip(_ids(subset, len(idx)), idx):
+            label = 1 if assign[i] in (0, 2) else 0
+            save_palette_png(reals.images[i], root / split / subset / f"{image_id}.png")
+            records.append({"image_id": image_id, "split": split, "subset": subset, "label": label,
+                            "file": f"{split}/{subset}/{image_id}.png", **reals.source[i]})
+            if tick:
+                tick()
+    with open(root / "test_truth.csv", "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["image_id", "label"])
+        for r in sorted((r for r in records if r["subset"] == "real_unknown"), key=lambda r: r["image_id"]):
+            w.writerow([r["image_id"], r["label"]])
+    return records
+
+
+def _counts(images: list[dict], cfg: SynthConfig) -> dict:
+    c = {"dev": {"generated": cfg.dev_generated}, "test": {"generated": cfg.test_generated}}
+    for r in images:
+        c[r["split"]][r["subset"]] = c[r["split"]].get(r["subset"], 0) + 1
+    c["test"]["members"] = sum(1 for r in images if r["subset"] == "real_unknown" and r["label"] == 1)
+    c["test"]["non_members"] = sum(1 for r in images if r["subset"] == "real_unknown" and r["label"] == 0)
+    c["train_images"] = sum(1 for r in images if r["label"] == 1)
+    c["patients"] = len({r["patient"] for r in images})
+    return c
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` (``--force``) is removed only after."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.rmdir(old)
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError as exc:
+        if old is not None:
+            os.replace(old, out)
+        raise GanprintError(f"{out}: cannot move the finished dataset into place ({exc.strerror}); check permissions") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
