@@ -118,6 +118,36 @@ def _check_metric(metric: str) -> None:
         raise GanprintError(f"--metric {metric}: unknown; use one of {', '.join(METRICS)}")
 
 
+def _select_rows(x, k: int, chunk: int):
+    """Exact top-k per row of ``x`` [n, m] (k <= m): (values [n, k], column positions [n, k]),
+    unsorted.  Runs of ``chunk`` columns are reduced to their maxima, the k best runs kept, and
+    the same applied again (runs of 8) to their k * chunk candidates, so every ``topk`` sees
+    short rows."""
+    import torch
+
+    n, m = x.shape
+    nch = m // chunk
+    if nch <= k or chunk < 2:
+        return x.topk(k, dim=1, sorted=False)
+    main = nch * chunk
+    if main == m and x.is_contiguous():
+        ci = x.view(n, nch, chunk).amax(-1).topk(k, dim=1, sorted=False).indices  # [n, k] best runs
+        # whole runs are contiguous rows of a [n * nch, chunk] view: index_select is a memcpy
+        rows = (torch.arange(n, device=x.device).unsqueeze(1) * nch + ci).view(-1)
+        cand = torch.index_select(x.view(n * nch, chunk), 0, rows).view(n, k * chunk)
+    else:
+        runs = x[:, :main].unflatten(1, (nch, chunk))
+        ci = runs.amax(-1).topk(k, dim=1, sorted=False).indices
+        cand = runs.gather(1, ci.unsqueeze(-1).expand(n, k, chunk)).reshape(n, k * chunk)
+    v, p = _select_rows(cand, k, 8 if chunk > 8 else 1)
+    pos = ci.gather(1, p // chunk) * chunk + p % chunk
+    if main < m:  # the last m % chunk columns
+        vt, pt = x[:, main:].topk(min(k, m - main), dim=1, sorted=False)
+        v, p = torch.cat([v, vt], 1).topk(k, dim=1, sorted=False)
+        pos = torch.cat([pos, pt + main], 1).gather(1, p)
+    return v, pos
+
+
 class _RowTopK:
     """Running exact top-k per row over successive column tiles."""
 
@@ -128,7 +158,6 @@ class _RowTopK:
         self.chunk = chunk
         self.values = torch.full((n, k), -math.inf, device=device)
         self.indices = torch.full((n, k), -1, dtype=torch.long, device=device)
-        self._arange = torch.arange(chunk, device=device)
 
     def update(self, tile, col0: int, row0: int = 0) -> None:
         """Merge ``tile`` [n, m] (columns ``col0 .. col0 + m``) into rows ``row0 .. row0 + n``."""
@@ -143,34 +172,10 @@ class _RowTopK:
     def _merge(self, tile, col0: int, old_v, old_i):
         import torch
 
-        n, m = tile.shape
-        k, chunk = self.k, self.chunk
-        nch = m // chunk
-        main = nch * chunk
-        if nch <= k:  # narrow tile: a plain topk is as cheap
-            v, p = torch.cat([old_v, tile], 1).topk(k, dim=1)
-            return v, torch.where(p < k, old_i.gather(1, p.clamp(max=k - 1)), p - k + col0)
-        # few large ops per tile: small ones cost more in thread wake-ups than in work
-        if main == m:
-            run_max = tile.view(n, nch, chunk).amax(-1)
-            ci = run_max.topk(k, dim=1, sorted=False).indices  # [n, k] best runs
-            # whole runs are contiguous rows of a [n * nch, chunk] view: index_select is a memcpy
-            rows = (torch.arange(n, device=tile.device).unsqueeze(1) * nch + ci).view(-1)
-            cand = torch.index_select(tile.view(n * nch, chunk), 0, rows).view(n, k * chunk)
-        else:
-            runs = tile[:, :main].unflatten(1, (nch, chunk))
-            ci = runs.amax(-1).topk(k, dim=1, sorted=False).indices
-            cand = runs.gather(1, ci.unsqueeze(-1).expand(n, k, chunk)).reshape(n, k * chunk)
-        v1, p1 = cand.topk(k, dim=1, sorted=False)
-        i1 = ci.gather(1, p1 // chunk) * chunk + (p1 % chunk + col0)
-        vals, idx = [old_v, v1], [old_i, i1]
-        if main < m:  # the tile's last m % chunk columns
-            tail = tile[:, main:]
-            vt, pt = tail.topk(min(k, m - main), dim=1, sorted=False)
-            vals.append(vt)
-            idx.append(pt + (main + col0))
-        v, p = torch.cat(vals, 1).topk(k, dim=1)
-        return v, torch.cat(idx, 1).gather(1, p)
+        k = self.k
+        v1, p1 = _select_rows(tile, min(k, tile.shape[1]), self.chunk)
+        v, p = torch.cat([old_v, v1], 1).topk(k, dim=1)  # sorted: values[:, -1] is the k-th best
+        return v, torch.cat([old_i, p1 + col0], 1).gather(1, p)
 
 
 def _tiles(n: int, size: int):
