@@ -55,6 +55,7 @@ class TrainConfig:
     num_neg_samples: int = 5
     queue_size: int = 0
     queue_init: str = "keys"
+    mask_pool_overlap: bool = False
     # loss and momentum
     loss_alpha: float = 0.7
     momentum: float = 0.999
@@ -121,6 +122,7 @@ FIELD_HELP: dict[str, str] = {
     "num_neg_samples": "Explicit negatives per anchor drawn from real_not_used (when the dev set has it).",
     "queue_size": "FIFO queue of momentum keys (0: sized from the dataset).",
     "queue_init": "keys (start filled with momentum keys of generated images) or empty.",
+    "mask_pool_overlap": "Drop from the queue negatives the generated images whose positive pool shares a real image with the anchor's (likely copies of one source).",
     "loss_alpha": "Hybrid loss weight alpha of the learnable-temperature term (paper: 0.7).",
     "momentum": "EMA momentum m of the key encoder (0: copy, 1: frozen).",
     "batch_size": "Anchors (generated images) per step, over all processes.",

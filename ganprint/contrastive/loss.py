@@ -104,11 +104,20 @@ def hybrid_contrastive_loss(
     pos_mask: torch.Tensor | None = None,
     neg_mask=None,
 ) -> torch.Tensor:
-    """Scalar hybrid loss (see module docstring). ``q`` [B, D], ``k_pos`` [B, P, D] (a [B, D]
-    tensor is taken as P = 1), ``negatives`` [K, D] | [B, K, D] | tuple of those, ``tau`` [B],
-    ``pos_mask`` [B, P] bool of valid positives, ``neg_mask`` [B, K] bool of valid negatives
-    (e.g. to drop a queued key of the anchor itself).  Anchors without a valid positive do not
-    count; with none at all the loss is 0 (still attached to the graph)."""
+    """Scalar hybrid loss L = alpha * L1(tau) + (1 - alpha) * L2(tau.detach()) (eqs. 3-5).
+
+    ``q`` [B, D] queries; ``k_pos`` [B, P, D] positive keys (a [B, D] tensor is taken as P = 1);
+    ``negatives`` [K, D] (shared, e.g. the queue) or [B, K, D] (per anchor), or a tuple of such
+    blocks; ``tau`` [B] per-sample temperatures; ``pos_mask`` [B, P] bool of valid positives
+    (padding for anchors with smaller pools); ``neg_mask`` [B, K] bool of valid negatives, or a
+    tuple with one mask (or None) per block (e.g. to drop a queued key of the anchor itself).
+
+    Multi-positive: every valid (anchor i, positive p) pair is one eq.-4 term
+    ``-s_ip/tau_i + log(exp(s_ip/tau_i) + sum_j exp(q_i.k_j/tau_i))`` -- the other positives of i
+    are not in its denominator, so positives never compete -- averaged over i's valid positives,
+    then over the anchors that have one.  P = 1 gives the paper's formula exactly.  Anchors
+    without a valid positive do not count; with none at all the loss is 0 (still attached to
+    the graph)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     q = q.float()

@@ -314,7 +314,12 @@ class _Trainer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         self.queue = KeyQueue(self.plan.queue_size, cfg.proj_dim, device=dev)
-        self.amp = autocast_context(dev) if (cfg.amp and dev.type == "cuda") else contextlib.nullcontext()
+        # pool membership [G, R_used]: which generated images share a positive
+        self.members = torch.zeros(len(self.pools), len(self.data.used_hashes), device=dev)
+        for i, pool in enumerate(self.pools):
+            self.members[i, pool.to(dev)] = 1.0
+        use_amp = cfg.amp and dev.type == "cuda"
+        self.autocast = (lambda: autocast_context(dev)) if use_amp else contextlib.nullcontext
         fp16 = cfg.amp and dev.type == "cuda" and not torch.cuda.is_bf16_supported()
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.stream = AnchorStream(len(self.data.gen_hashes), cfg.seed)
@@ -339,7 +344,7 @@ class _Trainer:
     @torch.no_grad()
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
         out = []
-        with self.amp:
+        with self.autocast():
             for i in range(0, x.shape[0], self.cfg.key_chunk):
                 out.append(self.momentum(x[i:i + self.cfg.key_chunk])[0].float())
         return torch.cat(out) if out else x.new_zeros(0, self.cfg.proj_dim)
@@ -388,12 +393,16 @@ class _Trainer:
             k_pos = torch.cat([k_self[:, None], k_pos], 1)
             ok = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), ok], 1)
         negatives = [self.queue.keys.clone()]  # clone: the queue is updated in place after the step
-        neg_masks = [self.queue.negative_mask(anchors.to(dev))]
+        qmask = self.queue.negative_mask(anchors.to(dev))
+        if cfg.mask_pool_overlap:
+            shared = self.members[anchors.to(dev)] @ self.members[self.queue.ids.clamp(min=0)].t()
+            qmask &= shared == 0
+        neg_masks = [qmask]
         if n_neg:
             negatives.append(k_neg_u[neg_inv.to(dev)].reshape(b, n_neg, cfg.proj_dim))
             neg_masks.append(torch.ones(b, n_neg, dtype=torch.bool, device=dev))
 
-        with self.amp:
+        with self.autocast():
             q, tau = self.model(xq)
         loss = hybrid_contrastive_loss(q.float(), k_pos, negatives, tau.float(), cfg.loss_alpha, ok, neg_masks)
         self.opt.zero_grad(set_to_none=True)

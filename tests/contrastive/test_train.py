@@ -98,6 +98,7 @@ def test_positives_and_negatives_enter_the_loss(dev, tmp_path, monkeypatch):
     queue, explicit = s["negs"]
     assert explicit.shape == (b, 2, 256)  # num_neg_samples real_not_used keys per anchor
     assert (explicit.grad.norm(dim=-1) > 0).all()
+    assert s["neg_mask"][0].any()  # queued keys of other anchors are negatives
     assert queue.grad[s["neg_mask"][0].any(0)].norm(dim=-1).gt(0).all()
     # the positives are not copies of the anchor's own key: distinct real images
     assert not torch.allclose(s["kp"][:, 1], s["kp"][:, 0])
@@ -111,3 +112,19 @@ def test_other_seed_other_weights(dev, straight, tmp_path):
 def test_missing_layout_is_a_clear_error(png_folder, tmp_path):
     with pytest.raises(GanprintError, match="generated/ and real_used/"):
         run_training(cfg(png_folder, tmp_path / "o"))
+
+
+def test_pool_overlap_masks_queue_negatives(dev, tmp_path, monkeypatch):
+    """With every pool holding every real_used image, each queued generated image shares a pool
+    with the anchor: --mask-pool-overlap leaves no queue negative, only the explicit ones."""
+    masks = []
+    real = trainer_mod.hybrid_contrastive_loss
+
+    def spy(q, k_pos, negatives, tau, alpha, pos_mask, neg_mask):
+        masks.append([m.clone() for m in neg_mask])
+        return real(q, k_pos, negatives, tau, alpha, pos_mask, neg_mask)
+
+    monkeypatch.setattr(trainer_mod, "hybrid_contrastive_loss", spy)
+    run_training(cfg(dev, tmp_path / "m", max_steps=1, mask_pool_overlap=True))
+    (q_on, ex_on), = masks
+    assert not q_on.any() and ex_on.all()  # (without the option the queue counts: see the spy test above)
