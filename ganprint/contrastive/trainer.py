@@ -285,6 +285,7 @@ class _Trainer:
         cfg, ctx = self.cfg, self.ctx
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        _check_inputs(cfg)
         if self.resume:
             self._check_resumable()  # fail before the slow part
         torch.manual_seed(derive_seed(cfg.seed, "init"))
@@ -547,6 +548,17 @@ class _Trainer:
                            self.resumed_from, ctx.world, model_digest(self.encoder), plan.notes)
 
 
+def _check_inputs(cfg: TrainConfig) -> None:
+    if not cfg.data:
+        raise GanprintError("no training data; pass the dataset folder (DATA argument, --data, or `data` in the config)")
+    if not Path(cfg.data).is_dir():
+        raise GanprintError(f"{cfg.data}: no such folder; pass the dataset's dev folder as DATA")
+    from ganprint.artifacts import artifact_paths
+
+    if cfg.similarity and not artifact_paths(cfg.similarity)[0].is_file():
+        raise GanprintError(f"{cfg.similarity}: similarity artifact not found; run `ganprint simmatrix` or omit --similarity")
+
+
 def run_training(config: "TrainConfig | Mapping[str, Any] | str | os.PathLike", resume: bool = False,
                  progress: bool = False, log=None) -> TrainResult:
     """Train (or ``resume``) as ``config`` says; returns a :class:`TrainResult`.
@@ -558,6 +570,7 @@ def run_training(config: "TrainConfig | Mapping[str, Any] | str | os.PathLike", 
 
         log = _log
     out = Path(cfg.out)
+    _check_inputs(cfg)  # before anything is created
     ctx = init_distributed(cfg.device)
     try:
         if ctx.is_main:

@@ -131,3 +131,11 @@ def test_torchrun_two_ranks_hold_identical_weights(trained, tmp_path):
     assert meta["world_size"] == 2 and len(meta["rank_digests"]) == 2
     assert meta["rank_digests"][0] == meta["rank_digests"][1] and meta["ranks_consistent"]
     assert meta["plan"]["batch"] == 4  # 2 anchors per rank
+
+
+def test_train_without_data_fails_fast(tmp_path):
+    res = run("train", "--out", tmp_path / "o", "-q")
+    assert res.exit_code == 2 and "no training data" in res.stderr
+    res = run("train", tmp_path / "missing", "--out", tmp_path / "o", "-q")
+    assert res.exit_code == 2 and "no such folder" in res.stderr
+    assert not (tmp_path / "o").exists()
