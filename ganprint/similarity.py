@@ -8,8 +8,10 @@ Small problems store the full matrix ``[G, R]``; large ones are searched in tile
 Exact top-k per tile without sorting the tile: the tile is cut into runs of ``chunk`` columns
 and each run's maximum is taken (one cheap pass).  Any element of a row's top-k lies in one of the
 k runs with the largest maxima (if k runs had larger maxima there would be k larger elements),
-so only ``k * chunk`` candidates per row reach ``torch.topk``; runs that cannot beat the row's
-current k-th best are not even gathered.  Selection then costs a few percent of the matmul.
+so only ``k * chunk`` candidates per row are gathered (one memcpy), and the same is applied to
+them with runs of 8; every ``torch.topk`` then sees short rows.  On an idle 2-core CPU the
+selection costs ~8% of the tile matmuls (bench/simmatrix_scale.py); memory-bound, it suffers
+more than the matmul when other jobs share the machine.
 
 Public API (library first; the CLI module only parses options):
 
