@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 
 from ganprint.cli.options import DEVICE_HELP, handle_errors, print_json
+from ganprint.synth.regimes import REGIMES, regime_help
 
-REGIME_NAMES = ("memorize", "balanced", "generalize")
+REGIME_NAMES = tuple(REGIMES)
 
 
 def _complete_regime(incomplete: str) -> list[str]:
@@ -23,17 +24,17 @@ def synth(
                                help="memorize (few members, many steps: strong signal), balanced, or generalize (many members: weak signal)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the phantoms, the split, the GAN and its samples."),
     size: Optional[int] = typer.Option(None, "--size", help="Output image size in pixels (square). [default: 256]"),
-    dev_real: Optional[int] = typer.Option(None, "--dev-real", help="Dev real_used and real_not_used images, each. [default: regime's]"),
-    test_real: Optional[int] = typer.Option(None, "--test-real", help="Test members and non-members in real_unknown, each. [default: regime's]"),
+    dev_real: Optional[int] = typer.Option(None, "--dev-real", help=f"Dev real_used and real_not_used images, each. [default: {regime_help('dev_real')}]"),
+    test_real: Optional[int] = typer.Option(None, "--test-real", help=f"Test members and non-members in real_unknown, each. [default: {regime_help('test_real')}]"),
     dev_generated: Optional[int] = typer.Option(None, "--dev-generated", help="Generated images in dev. [default: 500]"),
     test_generated: Optional[int] = typer.Option(None, "--test-generated", help="Generated images in test. [default: 1000]"),
     slices_per_patient: Optional[int] = typer.Option(None, "--slices-per-patient", help="Neighbouring slices per phantom patient (near-duplicates). [default: 2]"),
     real_dir: Optional[Path] = typer.Option(None, "--real-dir", help="Use your own real images (a folder) instead of phantoms."),
     group_by_folder: bool = typer.Option(False, "--group-by-folder", help="With --real-dir: images in one sub-folder are one patient (never split)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="GAN training steps. [default: regime's]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GAN batch size. [default: regime's]"),
+    steps: Optional[int] = typer.Option(None, "--steps", help=f"GAN training steps. [default: {regime_help('steps')}]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GAN batch size. [default: 16]"),
     gan_res: Optional[int] = typer.Option(None, "--gan-res", help="GAN working resolution, a power of two; samples are upsampled to --size. [default: 64]"),
-    gan_width: Optional[int] = typer.Option(None, "--gan-width", help="GAN channel width (generator's last, discriminator's first layer). [default: regime's]"),
+    gan_width: Optional[int] = typer.Option(None, "--gan-width", help="GAN channel width (generator's last, discriminator's first layer). [default: 16]"),
     z_dim: Optional[int] = typer.Option(None, "--z-dim", help="GAN latent size. [default: 64]"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate of both networks. [default: 2e-4]"),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="Loss curve in synth.json: one point per this many steps. [default: 25]"),

@@ -38,21 +38,12 @@ import numpy as np
 
 from ganprint import __version__
 from ganprint.errors import GanprintError
+from ganprint.synth.regimes import REGIMES
 
 SYNTH_FORMAT = 1
 SUBSETS_DEV = ("generated", "real_used", "real_not_used")
 SUBSETS_TEST = ("generated", "real_unknown")
 GRAY_PALETTE = bytes(v for i in range(256) for v in (i, i, i))
-
-# Regimes trade training-set size against training steps per image: few members seen many
-# times are memorised (strong membership signal); many members seen a few times are not.
-# Defaults are sized to finish within about 5 minutes on a 2-core CPU.
-REGIMES: dict[str, dict[str, Any]] = {
-    "memorize": {"dev_real": 32, "test_real": 32, "steps": 2000},
-    "balanced": {"dev_real": 100, "test_real": 100, "steps": 2000},
-    "generalize": {"dev_real": 300, "test_real": 300, "steps": 2000},
-}
-
 
 @dataclass(frozen=True)
 class SynthConfig:
@@ -61,8 +52,8 @@ class SynthConfig:
     regime: str = "memorize"
     seed: int = 0
     size: int = 256  # output images: size x size
-    dev_real: int = 32  # dev: this many real_used and this many real_not_used
-    test_real: int = 32  # test: this many members and this many non-members in real_unknown
+    dev_real: int = 20  # dev: this many real_used and this many real_not_used
+    test_real: int = 20  # test: this many members and this many non-members in real_unknown
     dev_generated: int = 500
     test_generated: int = 1000
     slices_per_patient: int = 2  # neighbouring slices per phantom patient (near-duplicates)
@@ -71,8 +62,8 @@ class SynthConfig:
     gan_res: int = 64
     gan_width: int = 16
     z_dim: int = 64
-    steps: int = 2000
-    batch_size: int = 32
+    steps: int = 3000
+    batch_size: int = 16
     lr: float = 2e-4
     log_every: int = 25
     device: str = "auto"
@@ -102,7 +93,7 @@ def resolve_config(regime: str = "memorize", **overrides: Any) -> SynthConfig:
 
 def _validate(cfg: SynthConfig) -> None:
     checks = [
-        ("--size", cfg.size, 16), ("--dev-real", cfg.dev_real, 1), ("--test-real", cfg.test_real, 1),
+        ("--seed", cfg.seed, 0), ("--size", cfg.size, 16), ("--dev-real", cfg.dev_real, 1), ("--test-real", cfg.test_real, 1),
         ("--dev-generated", cfg.dev_generated, 1), ("--test-generated", cfg.test_generated, 1),
         ("--slices-per-patient", cfg.slices_per_patient, 1), ("--gan-width", cfg.gan_width, 1),
         ("--z-dim", cfg.z_dim, 1), ("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1),
