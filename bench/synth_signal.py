@@ -68,6 +68,19 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+COLUMNS = [("regime", "{}"), ("members", "{}"), ("non_members", "{}"), ("generated", "{}"), ("steps", "{}"),
+           ("epochs", "{:.0f}"), ("auc", "{:.3f}"), ("tpr@1%fpr", "{:.3f}"), ("tpr@10%fpr", "{:.3f}"),
+           ("nn_dist_members", "{:.0f}"), ("nn_dist_non_members", "{:.0f}"), ("train_s", "{:.0f}"),
+           ("synth_s", "{:.0f}"), ("cpu_s", "{:.0f}"), ("threads", "{}")]
+
+
+def format_table(rows: list[dict]) -> str:
+    cells = [[name for name, _ in COLUMNS]] + [[f.format(r[name]) for name, f in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in cells)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--regimes", default="memorize,generalize", help="comma-separated: memorize, balanced, generalize")
@@ -113,13 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             })
             print(f"{regime}: AUC {auc:.3f} ({wall:.0f}s)", file=sys.stderr, flush=True)
 
-    cols = [("regime", "{:<10}"), ("members", "{:>7}"), ("non_members", "{:>11}"), ("generated", "{:>9}"),
-            ("steps", "{:>5}"), ("epochs", "{:>7}"), ("auc", "{:>6.3f}"), ("tpr@1%fpr", "{:>9.3f}"),
-            ("tpr@10%fpr", "{:>10.3f}"), ("nn_dist_members", "{:>15}"), ("nn_dist_non_members", "{:>19}"),
-            ("train_s", "{:>7}"), ("synth_s", "{:>7}"), ("cpu_s", "{:>6}"), ("threads", "{:>7}")]
-    print("  ".join(f"{{:>{len(f.format(rows[0][c]))}}}".format(c) if rows else c for c, f in cols))
-    for r in rows:
-        print("  ".join(f.format(r[c]) for c, f in cols))
+    print(format_table(rows))
     print(f"seed {args.seed}, device {rows[0]['device'] if rows else '-'}; AUC of -min L2 pixel distance to the "
           "generated images (dev+test), over the real images of dev+test; targets: memorize >= 0.8, generalize <= 0.65")
     if args.json:

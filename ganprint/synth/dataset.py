@@ -292,13 +292,12 @@ def _check_out(out: Path, force: bool) -> None:
         raise GanprintError(f"{out}: exists and is not a folder; choose another OUT")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise GanprintError(f"{out}: folder exists and is not empty; choose another OUT or pass --force to replace it")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GanprintError(f"{parent}: cannot create the output's parent folder ({exc.strerror}); choose another OUT") from exc
-    if not os.access(parent, os.W_OK):
-        raise GanprintError(f"{parent}: not writable; choose another OUT")
+    # the parent is created only when writing starts; check now that it can be, before training
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise GanprintError(f"{out.parent}: cannot create or write the output's parent folder; choose another OUT")
 
 
 class _Deterministic:
@@ -410,6 +409,10 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
 
     # -- writing, into a temporary folder renamed at the end
     t = time.perf_counter()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GanprintError(f"{out.parent}: cannot create the output's parent folder ({exc.strerror}); choose another OUT") from exc
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         with _Bar(progress, "synth: write PNGs", "img/s",

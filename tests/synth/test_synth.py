@@ -293,3 +293,12 @@ def test_phantom_neighbouring_slices_are_near_duplicates():
     same = [d[2 * i, 2 * i + 1] for i in range(6)]
     other = [d[i, j] for i in range(12) for j in range(12) if patient[i] != patient[j]]
     assert max(same) < min(other)
+
+
+def test_out_is_a_file(tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    res = run_cli(str(f), *TINY)
+    assert res.exit_code == 2
+    assert res.stderr.strip() == f"Error: {f}: exists and is not a folder; choose another OUT"
+    assert f.read_text() == "x"
