@@ -10,8 +10,8 @@ and each run's maximum is taken (one cheap pass).  Any element of a row's top-k 
 k runs with the largest maxima (if k runs had larger maxima there would be k larger elements),
 so only ``k * chunk`` candidates per row are gathered (one memcpy), and the same is applied to
 them with runs of 8; every ``torch.topk`` then sees short rows.  On an idle 2-core CPU the
-selection costs ~8% of the tile matmuls (bench/simmatrix_scale.py); memory-bound, it suffers
-more than the matmul when other jobs share the machine.
+selection costs ~8-15% of the tile matmuls (bench/simmatrix_scale.py).  It runs on one thread
+(see :func:`_one_thread`), the matmul on all.
 
 Public API (library first; the CLI module only parses options):
 
@@ -23,6 +23,7 @@ Public API (library first; the CLI module only parses options):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -120,6 +121,25 @@ def _check_metric(metric: str) -> None:
         raise GanprintError(f"--metric {metric}: unknown; use one of {', '.join(METRICS)}")
 
 
+@contextlib.contextmanager
+def _one_thread(device):
+    """Run the selection on one thread.  With two, each of its ~10 small ops ends in a barrier,
+    and when other jobs share the cores a descheduled partner thread makes every barrier cost a
+    time slice: on a loaded 2-core box the selection cost 1.48x the matmul with two threads,
+    1.19x with one (the matmul keeps both)."""
+    import torch
+
+    if getattr(device, "type", device) != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _select_rows(x, k: int, chunk: int):
     """Exact top-k per row of ``x`` [n, m] (k <= m): (values [n, k], column positions [n, k]),
     unsorted.  Runs of ``chunk`` columns are reduced to their maxima, the k best runs kept, and
@@ -175,9 +195,10 @@ class _RowTopK:
         import torch
 
         k = self.k
-        v1, p1 = _select_rows(tile, min(k, tile.shape[1]), self.chunk)
-        v, p = torch.cat([old_v, v1], 1).topk(k, dim=1)  # sorted: values[:, -1] is the k-th best
-        return v, torch.cat([old_i, p1 + col0], 1).gather(1, p)
+        with _one_thread(tile.device):
+            v1, p1 = _select_rows(tile, min(k, tile.shape[1]), self.chunk)
+            v, p = torch.cat([old_v, v1], 1).topk(k, dim=1)  # sorted: values[:, -1] is the k-th best
+            return v, torch.cat([old_i, p1 + col0], 1).gather(1, p)
 
 
 def _tiles(n: int, size: int):
