@@ -11,8 +11,8 @@ TPR at 1% and 10% FPR, the mean nearest-generated distance of members and non-me
 of the synth run (and of its GAN training alone) and the CPU time it used.
 
 Targets: memorize AUC >= 0.8 within 5 minutes on 2 CPU cores; generalize clearly weaker (<= 0.65).
-A machine shared with other jobs stretches wall-clock time; CPU seconds / threads is the time
-the same run takes on idle cores.
+A machine shared with other jobs stretches wall-clock time; the run's CPU seconds (synth uses one
+thread by default) are about the wall-clock time on an idle machine.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, default=None, help="write the datasets to KEEP/<regime> and keep them")
     ap.add_argument("--device", default="cpu", help="cpu (the 5-minute target is on CPU), cuda, auto")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: torch's own]")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: synth's, 1]")
     ap.add_argument("--steps", type=int, default=None, help="override the regime's training steps")
     ap.add_argument("--dev-real", type=int, default=None)
     ap.add_argument("--test-real", type=int, default=None)

@@ -39,7 +39,7 @@ def synth(
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate of both networks. [default: 2e-4]"),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="Loss curve in synth.json: one point per this many steps. [default: 25]"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch [default: torch's own]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch; more rarely help this small GAN and stall on a busy machine. [default: 1]"),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists and is not empty."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the output path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

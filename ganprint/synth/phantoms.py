@@ -7,7 +7,7 @@ shrink as spheres do, the lungs change size.  Neighbouring slices of one patient
 near-duplicates, as in real CT volumes, while two patients differ clearly.
 
 Geometry is defined in normalised coordinates (-1..1), so a slice renders at any size:
-``render_slice(params, z, size)`` -> uint8 [size, size] (0 = air, ~150 soft tissue, ~240 bone,
+``render_slice(patient, z, size, rng)`` -> uint8 [size, size] (0 = air, ~150 soft tissue, ~240 bone,
 lungs dark, as in a lung window).
 """
 
@@ -188,7 +188,8 @@ def render_slice(p: Patient, z: float, size: int, noise_rng: np.random.Generator
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
-def render_patients(n_patients: int, slices_per_patient: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_patients(n_patients: int, slices_per_patient: int, size: int, seed: int,
+                    on_image=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n_patients`` x ``slices_per_patient`` neighbouring slices.
 
     Returns ``(images uint8 [N, size, size], patient int64 [N], slice int64 [N])`` with
@@ -207,4 +208,6 @@ def render_patients(n_patients: int, slices_per_patient: int, size: int, seed: i
         for j in range(slices_per_patient):
             imgs[k] = render_slice(p, z_start + j, size, rng)
             k += 1
+            if on_image is not None:
+                on_image()
     return imgs, pat, sl
