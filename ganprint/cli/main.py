@@ -23,13 +23,13 @@ app = typer.Typer(
 
 # order = order in --help; each module defines register(app)
 COMMAND_MODULES: tuple[str, ...] = (
+    "synth",
     "embed",
     "simmatrix",
-    "predict",
-    "score",
     "train",
     "fuse",
-    "synth",
+    "predict",
+    "score",
     "info",
     "demo",
 )
