@@ -18,6 +18,7 @@ what they know (backbone, weights digest, preprocessing, inputs' content hash, s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -81,6 +82,30 @@ def ensure_writable(path: str | os.PathLike) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise ArtifactError(f"{folder}: output folder is not writable ({exc.strerror}); choose another --out") from exc
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, what: str = "file", fix: str = "choose another path"):
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``, otherwise delete it.
+
+    ``with atomic_path(p, "checkpoint", "choose another --out") as tmp: save_file(..., tmp)`` leaves
+    either the complete new file or nothing; an OSError becomes a one-line ArtifactError."""
+    p = Path(path)
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        os.close(fd)
+        yield tmp
+        os.replace(tmp, p)
+        tmp = None
+    except OSError as exc:
+        raise ArtifactError(f"{p}: cannot write {what} ({exc.strerror or exc}); {fix}") from exc
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from ganprint.artifacts import atomic_path
 from ganprint.errors import GanprintError
 
 META_KEY = "ganprint"
@@ -97,16 +97,8 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Any], meta: M
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
+    with atomic_path(p, "checkpoint", "choose another --out") as tmp:
         save_file(dict(tensors), tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)})
-        os.replace(tmp, p)
-    except OSError as exc:
-        raise GanprintError(f"{p}: cannot write checkpoint ({exc.strerror or exc}); choose another --out") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return p
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ganprint.artifacts import atomic_path
 from ganprint.errors import GanprintError
 
 HEADER = "original_image,label"
@@ -112,21 +112,9 @@ def write_submission(path: str | os.PathLike, ids: Sequence[str], labels: Sequen
     if not folder.is_dir():
         raise GanprintError(f"{folder}: folder does not exist; create it or choose another --submission")
     text = render_submission([str(i) for i in ids], labs, header)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+    with atomic_path(path, "the submission", "choose another --submission") as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise GanprintError(f"{path}: cannot write ({exc.strerror or exc}); choose another --submission") from exc
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
     return path
 
 

@@ -19,14 +19,9 @@ ALIGN_COLUMNS = ("image_id", "sha256")
 
 def expert_identity(prov: dict[str, Any]) -> dict[str, Any]:
     """What defines an expert's feature space (the embeddings comparability key, plus width)."""
-    ckpt = prov.get("checkpoint")
-    return {
-        "backbone": prov.get("backbone"),
-        "weights_digest": prov.get("weights_digest"),
-        "preprocess": prov.get("preprocess"),
-        "checkpoint": ckpt.get("digest") if isinstance(ckpt, dict) else ckpt,
-        "dim": prov.get("dim"),
-    }
+    from ganprint.similarity import comparable_key
+
+    return {**comparable_key(prov), "dim": prov.get("dim")}
 
 
 def expert_record(art: Artifact) -> dict[str, Any]:

@@ -54,7 +54,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ganprint import __version__
-from ganprint.artifacts import Artifact, base_provenance, digest_json, ensure_writable, sha256_bytes, write_artifact
+from ganprint.artifacts import Artifact, atomic_path, base_provenance, digest_json, ensure_writable, sha256_bytes, write_artifact
 from ganprint.contrastive.loss import hybrid_contrastive_loss
 from ganprint.errors import ArtifactError, GanprintError
 from ganprint.fusion.common import by_expert, expert_identity, expert_record, read_experts, short
@@ -255,21 +254,8 @@ def save_moe(path: str | os.PathLike, model: MoEFusion, meta: Mapping[str, Any])
 
     p = weights_path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        os.close(fd)
+    with atomic_path(p, "fusion weights") as tmp:
         save_file(state, tmp, metadata={META_KEY: json.dumps(dict(meta), sort_keys=True)})
-        os.replace(tmp, p)
-        tmp = None
-    except OSError as exc:
-        raise ArtifactError(f"{p}: cannot write fusion weights ({exc.strerror or exc}); choose another path") from exc
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
     return p
 
 
