@@ -41,8 +41,6 @@ from ganprint.errors import GanprintError
 from ganprint.synth.regimes import REGIMES
 
 SYNTH_FORMAT = 1
-SUBSETS_DEV = ("generated", "real_used", "real_not_used")
-SUBSETS_TEST = ("generated", "real_unknown")
 GRAY_PALETTE = bytes(v for i in range(256) for v in (i, i, i))
 
 @dataclass(frozen=True)
