@@ -8,7 +8,9 @@ simmatrix, and every attack calibrated on dev (kappa-optimal cut) and applied to
 
 - the seed's rule: max cosine >= 0.6 on untrained ImageNet features (efficientnet_lite0);
 - "after train": the same backbone fine-tuned with `ganprint train` (the cpu-small preset, on the
-  dev split), embedded with `--checkpoint`, same attacks, same data;
+  dev split), embedded with `--checkpoint`, same attacks, same data; once with positive pools from
+  the backbone's own features (the paper's method) and once with pools from the raw-pixel
+  similarity artifact (`train --similarity`);
 - fusion: logistic-regression stacking of every (backbone, attack) score, and the MoE fusion of
   the backbones' embeddings with the max_sim / gan_leaks_cal attacks.
 
@@ -46,27 +48,32 @@ def run_regime(regime: str, out: Path, args) -> list[dict]:
         rows += B.attack_rows(fs, truth, seed_rule=(i == 0), bootstrap=args.bootstrap, scores_dir=work / "scores")
         timings[f"embed+attacks {bb}"] = time.perf_counter() - t
     if not args.no_train:
-        from ganprint.contrastive import run_training
-
-        t = time.perf_counter()
-        bb = args.backbones[0]
         from ganprint.backbones import get_backbone
-
-        overrides = {"data": str(root / "dev"), "out": str(work / "train"), "backbone": bb, "seed": 0,
-                     "weights": get_backbone(bb).default_weights}
-        if args.train_epochs is not None:
-            overrides["epochs"] = args.train_epochs
+        from ganprint.contrastive import run_training
         from ganprint.contrastive.config import TrainConfig
 
-        cfg = TrainConfig.from_preset(args.preset, **overrides)
-        res = run_training(cfg, progress=not args.quiet)
-        ckpt = res.checkpoint if hasattr(res, "checkpoint") else res
-        timings["train"] = time.perf_counter() - t
-        t = time.perf_counter()
-        fs = B.add_similarity(B.embed_split(root, work, f"{bb}+train", bb, checkpoint=str(ckpt),
-                                            progress=not args.quiet), work)
-        rows += B.attack_rows(fs, truth, bootstrap=args.bootstrap, scores_dir=work / "scores_train")
-        timings["embed+attacks after train"] = time.perf_counter() - t
+        bb = args.backbones[0]
+        # pools from the backbone's own features (the paper), and from the raw-pixel similarity
+        # when that baseline is in the run (its nearest neighbours are the better positives here)
+        variants = [("train", None)]
+        pix = next((fs for fs in sets if fs.name == "pixels"), None)
+        if pix is not None and bb != "pixels":
+            variants.append(("train(pixel pools)", str(pix.dev_sim)))
+        for tag, sim in variants:
+            t = time.perf_counter()
+            overrides = {"data": str(root / "dev"), "out": str(work / tag.replace("(", "_").replace(")", "").replace(" ", "_")),
+                         "backbone": bb, "seed": 0, "weights": get_backbone(bb).default_weights, "similarity": sim}
+            if args.train_epochs is not None:
+                overrides["epochs"] = args.train_epochs
+            res = run_training(TrainConfig.from_preset(args.preset, **overrides), progress=not args.quiet)
+            timings[f"train {tag}"] = time.perf_counter() - t
+            t = time.perf_counter()
+            name = f"{bb}+{tag}"
+            fs = B.add_similarity(B.embed_split(root, work, name.replace("(", "_").replace(")", "").replace(" ", "_"), bb,
+                                                checkpoint=str(res.checkpoint), progress=not args.quiet), work)
+            fs.name = name
+            rows += B.attack_rows(fs, truth, bootstrap=args.bootstrap)
+            timings[f"embed+attacks {name}"] = time.perf_counter() - t
     if len(sets) >= 2:
         t = time.perf_counter()
         rows.append(B.stack_row(sets, truth, work, bootstrap=args.bootstrap))
