@@ -33,16 +33,21 @@ def png_folder(tmp_path):
     return folder
 
 
+def make_imageclef(root, counts=(("generated", 4), ("real_used", 3), ("real_not_used", 3)), size: int = 48,
+                   seed: int = 100):
+    """Write an ImageCLEF layout of random gray PNGs under ``root``; returns ``root``."""
+    k = 0
+    for subset, n in counts:
+        for i in range(n):
+            write_png(root / subset / f"{subset}_{i:03d}.png", random_gray(seed + k, size))
+            k += 1
+    return root
+
+
 @pytest.fixture
 def imageclef_folder(tmp_path):
     """A tiny ImageCLEF dev layout: generated/ (4), real_used/ (3), real_not_used/ (3)."""
-    root = tmp_path / "dev"
-    k = 0
-    for subset, n in (("generated", 4), ("real_used", 3), ("real_not_used", 3)):
-        for i in range(n):
-            write_png(root / subset / f"{subset}_{i:03d}.png", random_gray(100 + k))
-            k += 1
-    return root
+    return make_imageclef(tmp_path / "dev")
 
 
 def dicom_data_dir():

@@ -27,17 +27,10 @@ def run(*args):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A dev folder and a checkpoint trained on it through the CLI."""
-    import numpy as np
-    from PIL import Image
+    from conftest import make_imageclef
 
-    root = tmp_path_factory.mktemp("cli") / "dev"
-    k = 0
-    for subset, n in (("generated", 4), ("real_used", 3), ("real_not_used", 2)):
-        (root / subset).mkdir(parents=True)
-        for i in range(n):
-            arr = np.random.default_rng(300 + k).integers(0, 256, (40, 40), dtype=np.uint8)
-            Image.fromarray(arr).save(root / subset / f"{subset}_{i:03d}.png")
-            k += 1
+    root = make_imageclef(tmp_path_factory.mktemp("cli") / "dev",
+                          (("generated", 4), ("real_used", 3), ("real_not_used", 2)), size=40, seed=300)
     out = root.parent / "run"
     res = run("train", root, "--out", out, *TINY, "-q")
     assert res.exit_code == 0, res.stderr

@@ -23,18 +23,9 @@ def cfg(data, out, **kw):
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory):
     """ImageCLEF dev layout: 4 generated, 3 real_used, 3 real_not_used (48 px PNGs)."""
-    import numpy as np
-    from PIL import Image
+    from conftest import make_imageclef
 
-    root = tmp_path_factory.mktemp("data") / "dev"
-    k = 0
-    for subset, n in (("generated", 4), ("real_used", 3), ("real_not_used", 3)):
-        (root / subset).mkdir(parents=True)
-        for i in range(n):
-            arr = np.random.default_rng(200 + k).integers(0, 256, (48, 48), dtype=np.uint8)
-            Image.fromarray(arr).save(root / subset / f"{subset}_{i:03d}.png")
-            k += 1
-    return root
+    return make_imageclef(tmp_path_factory.mktemp("data") / "dev", seed=200)
 
 
 @pytest.fixture(scope="module")
