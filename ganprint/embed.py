@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ganprint.artifacts import (
+    artifact_base,
     artifact_paths,
     base_provenance,
     digest_json,
@@ -207,7 +208,7 @@ def run_embed(
         except ArtifactError:
             old = {}
         if old.get("cache_key") == key:
-            return EmbedOutcome(Path(str(tpath)[: -len(".safetensors")]), True, int(old.get("rows", 0)),
+            return EmbedOutcome(artifact_base(out), True, int(old.get("rows", 0)),
                                 int(old.get("dim", 0)), [], time.perf_counter() - t0, 0.0, old)
 
     nworkers = default_workers() if workers is None else max(0, workers)
