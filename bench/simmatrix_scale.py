@@ -6,14 +6,18 @@ Queries [n, D] and keys [m, D] are seeded random unit vectors.  Three measuremen
 same query slices, interleaved slice by slice (so a machine shared with other jobs slows all
 three alike), each over all keys:
 
-  matmul   the bare matrix products of the same [block, 16*block] tiles, no selection
-           (the practical limit),
-  ganprint ``ganprint.similarity.topk_search``: the same tiles + exact running top-k,
-  faiss    ``faiss.IndexFlatIP.search`` (exact), when faiss is installed.
+  matmul       the bare float32 matrix products of the same [block, 16*block] tiles, no
+               selection (the practical limit of an exact float32 search),
+  matmul_bf16  the same tiles as bf16 products (only when ganprint runs its bf16 path): the
+               limit of that path, so ganprint/matmul_bf16 is what selection + re-scoring cost,
+  ganprint     ``ganprint.similarity.topk_search`` with ``--precision`` (auto: bf16 tiles,
+               certified, re-scored in float32 where the CPU has bf16 dot products; else fp32),
+  faiss        ``faiss.IndexFlatIP.search`` (exact), when faiss is installed.
 
-Prints seconds, ganprint/matmul (target <= 1.2), faiss/ganprint (target >= 3), peak RSS during
+Prints seconds, ganprint/matmul (target <= 1.2), faiss/ganprint (target >= 3), the bf16 path's
+counts (rows searched again in float32, keys re-scored per row, the error bound), peak RSS during
 each phase (sampled from /proc) against the tile size and against the n*m matrix it avoids, and
-checks that ganprint's top-k equals faiss' (indices on sampled rows; values to 1e-4).
+checks that ganprint's top-k equals faiss' (indices on sampled rows; values to 1e-5).
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=10, help="interleaved query slices")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="torch device for matmul and ganprint (faiss stays on CPU)")
+    ap.add_argument("--precision", default="auto", help="ganprint's tile precision: auto, fp32 or bf16")
     ap.add_argument("--no-faiss", action="store_true", help="skip the faiss baseline")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -83,7 +88,7 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from ganprint.similarity import DEFAULT_BLOCK, KEY_BLOCK_FACTOR, _sim_tile, _tiles, topk_search
+    from ganprint.similarity import DEFAULT_BLOCK, KEY_BLOCK_FACTOR, _sim_tile, _tiles, resolve_precision, topk_search
 
     torch.set_num_threads(args.threads)
     block = args.block or DEFAULT_BLOCK
@@ -110,6 +115,19 @@ def main() -> int:
     keys_d = keys.to(dev)
     qblock, kblock = block, block * KEY_BLOCK_FACTOR
     tile_bytes = min(qblock, n) * min(kblock, m) * 4
+    precision = resolve_precision(args.precision, "cosine", dev, size=n * m)
+    stats: dict = {}
+    keys16 = keys_d.bfloat16() if precision == "bf16" else None
+
+    def bare16(q):
+        # the bf16 path's products alone (its rounding of the inputs included, as in topk_search)
+        buf = torch.empty(min(qblock, len(q)) * min(kblock, m), dtype=torch.bfloat16)
+        with torch.inference_mode():
+            q16 = q.bfloat16()
+            for q0, q1 in _tiles(len(q), qblock):
+                for k0, k1 in _tiles(m, kblock):
+                    out = buf[: (q1 - q0) * (k1 - k0)].view(q1 - q0, k1 - k0)
+                    torch.mm(q16[q0:q1], keys16[k0:k1].t(), out=out)
 
     def bare(q):
         # the same tiles and buffer reuse as topk_search, minus the selection
@@ -123,7 +141,8 @@ def main() -> int:
             torch.cuda.synchronize()
 
     def ours(q):
-        res, _, _ = topk_search(q, keys_d, k, block=block, device=dev, prepared=True)
+        res, _, _ = topk_search(q, keys_d, k, block=block, device=dev, prepared=True, precision=args.precision,
+                                stats=stats)
         return res
 
     def with_faiss(q):
@@ -132,11 +151,15 @@ def main() -> int:
     # warm-up (thread pools, allocator) on a small slice
     w = queries[: min(256, n)]
     bare(w)
+    if keys16 is not None:
+        bare16(w)
     ours(w)
+    stats.clear()
     if index is not None:
         with_faiss(w)
 
-    phases = ["matmul", "ganprint"] + (["faiss"] if index is not None else [])
+    phases = ["matmul"] + (["matmul_bf16"] if keys16 is not None else []) + ["ganprint"] + \
+        (["faiss"] if index is not None else [])
     seconds = {p: 0.0 for p in phases}
     cpu = {p: 0.0 for p in phases}  # process CPU time: less sensitive than wall time to other jobs
     peak = {p: 0 for p in phases}
@@ -158,6 +181,8 @@ def main() -> int:
                 t = time.perf_counter()
                 if p == "matmul":
                     bare(q)
+                elif p == "matmul_bf16":
+                    bare16(q)
                 elif p == "ganprint":
                     r = ours(q)
                     got_v[s0:s1], got_i[s0:s1] = r.values, r.indices
@@ -183,12 +208,20 @@ def main() -> int:
 
     res = {
         "n": n, "m": m, "dim": dim, "k": k, "block": block, "tile": [min(qblock, n), min(kblock, m)],
-        "threads": args.threads, "device": str(dev), "torch": torch.__version__,
+        "threads": args.threads, "device": str(dev), "torch": torch.__version__, "precision": precision,
         "seconds": {p: round(v, 2) for p, v in seconds.items()},
         "cpu_seconds": {p: round(v, 2) for p, v in cpu.items()},
         "gflops_matmul": round(2.0 * n * m * dim / seconds["matmul"] / 1e9, 1),
         "ratio_ganprint_over_matmul": round(seconds["ganprint"] / seconds["matmul"], 3),
         "cpu_ratio_ganprint_over_matmul": round(cpu["ganprint"] / cpu["matmul"], 3),
+        "bf16": None if keys16 is None else {
+            "ratio_ganprint_over_matmul_bf16": round(seconds["ganprint"] / seconds["matmul_bf16"], 3),
+            "ratio_matmul_over_matmul_bf16": round(seconds["matmul"] / seconds["matmul_bf16"], 3),
+            "rows_searched_again_fp32": stats.get("redone", 0),
+            "rescored_per_row": round(stats.get("rescored", 0) / max(1, stats.get("rows", 1)), 1),
+            "collected_per_row": round(stats.get("collected", 0) / max(1, stats.get("rows", 1)), 1),
+            "max_error_bound": stats.get("delta_max"),
+        },
         "inputs_mib": round(base_rss / 2**20, 1),
         "peak_rss_mib": {p: round(v / 2**20, 1) for p, v in peak.items()},
         "peak_rss_over_inputs_mib": {p: round((v - base_rss) / 2**20, 1) for p, v in peak.items()},
@@ -209,13 +242,21 @@ def main() -> int:
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"exact top-{k}, {n:,} x {m:,} unit vectors, D={dim}, tiles {res['tile']}, {args.threads} threads, {dev}")
+        print(f"exact top-{k}, {n:,} x {m:,} unit vectors, D={dim}, tiles {res['tile']}, {args.threads} threads, {dev}, "
+              f"ganprint precision {precision}")
         for p in phases:
             print(f"  {p:9s} {seconds[p]:8.2f} s  (CPU {cpu[p]:7.2f} s)   peak RSS {res['peak_rss_mib'][p]:8.1f} MiB, "
                   f"+{res['rss_growth_within_call_mib'][p]:.1f} MiB within a call")
         print(f"  matmul throughput      {res['gflops_matmul']} GFLOP/s")
         print(f"  ganprint / matmul      {res['ratio_ganprint_over_matmul']:.3f}  (target <= 1.2; CPU time "
               f"{res['cpu_ratio_ganprint_over_matmul']:.3f})")
+        b = res["bf16"]
+        if b is not None:
+            print(f"  ganprint / matmul_bf16 {b['ratio_ganprint_over_matmul_bf16']:.3f}  (selection + float32 re-scoring "
+                  f"over the bf16 products; matmul / matmul_bf16 {b['ratio_matmul_over_matmul_bf16']:.3f})")
+            print(f"  bf16 path              {b['rows_searched_again_fp32']} rows searched again in float32; "
+                  f"{b['collected_per_row']} keys collected, {b['rescored_per_row']} re-scored per row; "
+                  f"error bound <= {b['max_error_bound']:.4f}")
         if index is not None:
             print(f"  faiss / ganprint       {res['ratio_faiss_over_ganprint']:.3f}  (target >= 3; CPU time "
                   f"{res['cpu_ratio_faiss_over_ganprint']:.3f}; faiss / matmul {res['ratio_faiss_over_matmul']:.3f} "

@@ -43,6 +43,7 @@ from ganprint.errors import ArtifactError, GanprintError
 
 METRICS = ("cosine", "l2")
 ENGINES = ("torch", "faiss")
+PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_K = 10
 DEFAULT_BLOCK = 1024
 KEY_BLOCK_FACTOR = 16  # tiles [block, 16*block]: wide tiles amortise the per-row selection cost
@@ -241,6 +242,8 @@ def topk_search(
     matrix: bool = False,
     chunk: int = CHUNK,
     prepared: bool = False,
+    precision: str = "fp32",
+    stats: dict[str, Any] | None = None,
 ) -> tuple[TopK, TopK | None, Any]:
     """Exact top-k of ``keys`` for every query, streaming over tiles.
 
@@ -248,7 +251,9 @@ def topk_search(
     ``exclude`` int64 [Q]: one key index to skip per query (-1: none), e.g. the query itself.
     Returns (per query TopK [Q, k], per key TopK [K, key_k] over queries or None,
     full matrix [K, Q] (keys x queries, CPU) or None).  Peak extra memory ~ 16*block^2 floats
-    (+ the matrix when asked for).
+    (+ the matrix when asked for).  ``precision``: fp32 tiles, or bf16 tiles with certified
+    float32 re-scoring (:mod:`ganprint.prefilter`; exact too), or auto (see
+    :func:`resolve_precision`).  ``stats`` (optional) receives the bf16 path's counts.
     """
     import torch
 
@@ -266,6 +271,9 @@ def topk_search(
     key_k = min(key_k, nq_all - n_ex)
     if k < 1:
         raise GanprintError(f"top-k search needs at least {1 + n_ex} key rows, got {nk_all}")
+    if resolve_precision(precision, metric, dev, matrix=matrix, size=nq_all * nk_all,
+                         exclude_keys=n_ex > 0 and key_k > 0) == "bf16":
+        return _topk_bf16(queries, keys, k, block=block, exclude=exclude, key_k=key_k, chunk=chunk, stats=stats)
     keys_d = keys.to(dev)
     ksq = (keys_d * keys_d).sum(1) if metric == "l2" else None
     qblock, kblock = block, block * KEY_BLOCK_FACTOR
@@ -302,6 +310,52 @@ def topk_search(
     if full is not None:
         full = _finish_values(full, metric)  # excluded pairs stay -inf
     return res, kres, full
+
+
+def resolve_precision(precision: str, metric: str, device: Any, *, matrix: bool = False, size: int | None = None,
+                      exclude_keys: bool = False) -> str:
+    """The tile precision a search runs with: ``fp32`` or ``bf16``.
+
+    ``bf16`` needs cosine on CPU; a full matrix is always float32.  ``auto`` picks bf16 where
+    it is exact *and* faster: cosine, CPU with native bf16 dot products, no full matrix, at
+    least ``FULL_AUTO_MAX`` pairs (below that, the float32 path is already fast).
+    """
+    if precision not in PRECISIONS:
+        raise GanprintError(f"--precision {precision}: unknown; use one of {', '.join(PRECISIONS)}")
+    on_cpu = getattr(device, "type", str(device)) == "cpu"
+    if precision == "bf16":
+        if metric != "cosine":
+            raise GanprintError("--precision bf16 works with --metric cosine only; use --precision fp32 for l2")
+        if not on_cpu:
+            raise GanprintError("--precision bf16 is a CPU path; on a GPU use --precision fp32 (or auto)")
+        return "fp32" if matrix or exclude_keys else "bf16"
+    if precision == "fp32" or metric != "cosine" or not on_cpu or matrix or exclude_keys:
+        return "fp32"
+    if size is not None and size < FULL_AUTO_MAX:
+        return "fp32"
+    from ganprint.prefilter import bf16_native
+
+    return "bf16" if bf16_native() else "fp32"
+
+
+def _topk_bf16(queries, keys, k: int, *, block: int, exclude, key_k: int, chunk: int, stats):
+    """topk_search's bf16 path (cosine, CPU, unit-norm inputs): both directions, each certified,
+    uncertified rows searched again with float32 tiles."""
+    import torch
+
+    from ganprint.prefilter import bf16_topk
+
+    def one_way(qs, ks, kk, ex):
+        v, i, redo = bf16_topk(qs, ks, kk, block=block, key_factor=KEY_BLOCK_FACTOR, exclude=ex, stats=stats)
+        if len(redo):
+            again, _, _ = topk_search(qs[redo], ks, kk, block=block, exclude=None if ex is None else
+                                      torch.as_tensor(ex)[redo], chunk=chunk, prepared=True, precision="fp32")
+            v[redo], i[redo] = again.values, again.indices
+        return TopK(v, i)
+
+    res = one_way(queries, keys, k, exclude)
+    kres = one_way(keys, queries, key_k, None) if key_k > 0 else None
+    return res, kres, None
 
 
 def faiss_topk(queries, keys, k: int, *, metric: str = "cosine", exclude=None, prepared: bool = False) -> TopK:
@@ -384,6 +438,7 @@ def compute_similarity(
     device: Any = "cpu",
     engine: str = "torch",
     realref: bool = True,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """All tensors of a similarity artifact (see docs/ARTIFACTS.md) from embeddings.
 
@@ -392,6 +447,7 @@ def compute_similarity(
     real image r (same file), or -1.  ``full`` None = store the matrix [G, R] when G*R <= 4M.
     Returns ``real_topk_values/indices`` [R, k] (into G), ``gen_topk_values/indices`` [G, k'] (into
     R), ``matrix`` [G, R] if full, ``realref_topk_values/indices`` [R, k''] if ``realref``.
+    ``precision`` (torch engine): see :func:`resolve_precision`; every choice gives the exact top-k.
     """
     import torch
 
@@ -416,7 +472,7 @@ def compute_similarity(
             _, _, mat = topk_search(r, g, 1, metric=metric, block=block, device=device, matrix=True, prepared=True)
     else:
         rt, gt, mat = topk_search(r, g, k, metric=metric, block=block, device=device, key_k=k,
-                                  matrix=full, prepared=True)
+                                  matrix=full, prepared=True, precision=precision)
     out["real_topk_values"], out["real_topk_indices"] = rt.values, rt.indices
     out["gen_topk_values"], out["gen_topk_indices"] = gt.values, gt.indices
     if mat is not None:
@@ -437,7 +493,7 @@ def compute_similarity(
                 rr = faiss_topk(r, keys, k, metric=metric, prepared=True)
             else:
                 rr, _, _ = topk_search(r, keys, k, metric=metric, block=block, device=device,
-                                       exclude=excl, prepared=True)
+                                       exclude=excl, prepared=True, precision=precision)
             out["realref_topk_values"], out["realref_topk_indices"] = rr.values, rr.indices
     return out
 
@@ -532,6 +588,7 @@ def run_simmatrix(
     device: str = "auto",
     engine: str = "torch",
     realref: bool = True,
+    precision: str = "auto",
 ) -> SimmatrixOutcome:
     """Read embeddings artifacts, compute similarity, write the similarity artifact ``out``.
 
@@ -566,6 +623,7 @@ def run_simmatrix(
         raise GanprintError("give a DATASET embeddings artifact, or both --generated G and --real R")
     _check_writable(out)
     dev = resolve_device(device)
+    resolve_precision(precision, metric, dev)  # a bad --precision fails before any loading
 
     if dataset is not None:
         gart = rart = _load_embeddings(dataset, "dataset")
@@ -606,7 +664,8 @@ def run_simmatrix(
     gen_emb = gart.tensor("embeddings")[torch.as_tensor(g_rows)]
     real_emb = rart.tensor("embeddings")[torch.as_tensor(r_rows)]
     tensors = compute_similarity(gen_emb, real_emb, ref=ref_emb, ref_exclude=ref_exclude, metric=metric, k=k,
-                                 full=full, block=block, device=dev, engine=engine, realref=realref)
+                                 full=full, block=block, device=dev, engine=engine, realref=realref,
+                                 precision=precision)
     tensors["gen_rows"] = torch.as_tensor(g_rows, dtype=torch.long)
     tensors["real_rows"] = torch.as_tensor(r_rows, dtype=torch.long)
     if ref_rows is not None:
@@ -634,6 +693,8 @@ def run_simmatrix(
         k_requested=k,
         full="matrix" in tensors,
         engine=engine,
+        precision=None if engine != "torch" else resolve_precision(
+            precision, metric, dev, matrix="matrix" in tensors, size=len(g_rows) * len(r_rows)),
         block=block,
         device=dev.type,
         realref=("realref_topk_values" in tensors),

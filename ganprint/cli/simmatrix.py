@@ -26,6 +26,10 @@ def simmatrix(
     block: int = typer.Option(1024, "--block", help="Rows per tile; a tile is block x 16*block floats (64 MiB at 1024): bounds peak memory."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     engine: str = typer.Option("torch", "--engine", help="torch (exact, blocked) or faiss (exact flat index; needs faiss-cpu)."),
+    precision: str = typer.Option("auto", "--precision", help="Tile precision of the torch engine, all exact: fp32, or "
+                                                              "bf16 (cosine, CPU: bf16 tiles, float32 re-scoring of "
+                                                              "certified candidates); auto = bf16 where the CPU has "
+                                                              "bf16 dot products and the problem is large."),
     realref: bool = typer.Option(True, "--realref/--no-realref", help="Also store each real image's nearest reference/real images."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the artifact path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No log line."),
@@ -48,7 +52,8 @@ def simmatrix(
         return None if a is None else resolve_artifact_arg(a)
 
     outcome = run_simmatrix(out, res(dataset), res(generated), res(real), res(reference), metric=metric, k=k,
-                            full=full, block=block, device=device, engine=engine, realref=realref)
+                            full=full, block=block, device=device, engine=engine, realref=realref,
+                            precision=precision)
     if not quiet:
         ref = f", reference {outcome.n_reference}" if outcome.n_reference is not None else ""
         log(f"similarity {outcome.n_generated} generated x {outcome.n_real} real{ref} ({metric}, top-{outcome.k}"

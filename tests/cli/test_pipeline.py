@@ -9,8 +9,10 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 from typer.testing import CliRunner
 
+from ganprint.artifacts import read_artifact
 from ganprint.cli.main import app
 
 
@@ -89,3 +91,23 @@ def test_faiss_engine_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
     res = CliRunner().invoke(app, ["simmatrix", str(ds), "-o", str(tmp_path / "s"), "--engine", "faiss"])
     assert res.exit_code == 2 and "pip install faiss-cpu" in res.stderr
+
+
+def test_cli_simmatrix_precision(tmp_path):
+    ds = _make_emb(tmp_path, "dev", "test_resnet", ["generated"] * 12 + ["real_used"] * 3 + ["real_not_used"] * 3)
+    runner = CliRunner()
+    out = {}
+    for prec in ("bf16", "fp32"):
+        res = runner.invoke(app, ["simmatrix", str(ds), "-o", str(tmp_path / prec), "--precision", prec, "--no-full",
+                                  "-k", "4", "-q"])
+        assert res.exit_code == 0, res.stderr
+        out[prec] = read_artifact(tmp_path / prec, kind="similarity")
+    assert out["bf16"].provenance["precision"] == "bf16" and out["fp32"].provenance["precision"] == "fp32"
+    assert torch.equal(out["bf16"].tensors["real_topk_indices"], out["fp32"].tensors["real_topk_indices"])
+    assert torch.equal(out["bf16"].tensors["gen_topk_indices"], out["fp32"].tensors["gen_topk_indices"])
+    res = runner.invoke(app, ["simmatrix", str(ds), "-o", str(tmp_path / "l2"), "--metric", "l2", "--precision", "bf16"])
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith("Error:") and "\n" not in err and "--metric cosine only" in err
+    assert not (tmp_path / "l2.safetensors").exists() and not (tmp_path / "l2.parquet").exists()
+    res = runner.invoke(app, ["simmatrix", str(ds), "-o", str(tmp_path / "x"), "--precision", "fp16"])
+    assert res.exit_code == 2 and "--precision fp16: unknown" in res.stderr

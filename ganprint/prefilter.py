@@ -1,0 +1,274 @@
+"""Exact cosine top-k with a bfloat16 prefilter (``--precision bf16``).
+
+Why: on CPUs with native bf16 dot products (AVX512-BF16, AMX) a bf16 matrix product runs
+~2.5x faster than the float32 one, and the float32 product is what bounds an exact search
+(faiss' flat index included).  So tiles are computed in bf16, each query row collects the keys
+whose bf16 score is close enough to its k-th best to matter, those are re-scored in float32,
+and every row is *certified*: a rounding-error bound proves that no key left out can be in its
+exact top-k.  Rows that cannot be certified (more than ``CAP`` keys crowded inside the error
+band) are searched again in float32 by the caller.  The result is the exact top-k, not an
+approximation.
+
+The bound, for unit vectors q, k (inputs rounded to bf16 q', k'; products accumulated in float32
+over D terms; the sum rounded to a bf16 output A; u = 2^-8 the bf16 unit roundoff)::
+
+    |A - q.k| <= delta_q + u |A|,
+    delta_q = |q'-q| max_j|k'_j| + |q| max_j|k'_j - k_j| + gamma_D |q'| max_j|k'_j|,
+    gamma_D = D 2^-24 / (1 - D 2^-24)
+
+(the three terms: input rounding, by Cauchy-Schwarz; float32 accumulation in any order;
+then the output rounding, which is relative).  Let T be the k-th largest A of a row: k keys
+have exact scores >= L = T - delta_q - u|T|, so every key of the exact top-k has
+A + delta_q + u|A| >= L.  A key is left out only when its A is below that.  On 100k x 100k
+random unit vectors (D = 256) delta is ~0.004 and ~19 keys per row are re-scored
+(bench/simmatrix_scale.py prints both and how many rows were searched again).
+
+Selection stays cheap by reading run maxima of the bf16 tile as int16 (the bit pattern of a
+non-negative bf16 orders like the number; a run whose largest pattern has the sign bit holds only
+values <= 0), so one integer pass finds the few runs that can hold candidates.
+
+Tensor shapes: queries [Q, D], keys [K, D] float32, unit-norm (``similarity._prepare``); their
+bf16 copies (half their size) live for the call; tiles are bf16 [block, 16 * block].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+U = 2.0 ** -8  # bf16 unit roundoff: 8 significant bits, round to nearest even
+CAP = 256  # candidates a row may collect before it is searched again in float32
+RUN = 64  # columns per run for the int16 run-maximum pass
+GROUP = 8  # runs per group: group maxima give each row's running lower bound
+SLACK = 1e-30  # flushed bf16/float32 subnormals (DAZ/FTZ) change a score by far less than this
+
+
+def bf16_native() -> bool:
+    """True when this CPU has bf16 dot-product instructions (else bf16 products are emulated and slow)."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(cpu, name, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # an old or unusual build: fall back to float32
+            continue
+    return False
+
+
+def error_bounds(x, x16, other, other16):
+    """delta [N] float64 for the rows of ``x`` [N, D] against every row of ``other`` [M, D]
+    (x16, other16: their bf16 roundings): |A - x_i.o_j| <= delta_i + u|A| for all j.
+
+    x16 - x is exact in float32 (Sterbenz: the two are within a factor 2); the float32 norms are
+    off by at most ~D 2^-24 relative, which the factor (1 + 2^-10) covers many times over."""
+    import torch
+
+    d = x.shape[1]
+    gamma = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+
+    def norms(a, a16):  # (|a16 - a|, |a|, |a16|) per row, in slices: no full-size temporaries
+        out = [], [], []
+        for s in range(0, a.shape[0], 4096):
+            a32 = a16[s:s + 4096].float()
+            for acc, v in zip(out, (a32 - a[s:s + 4096], a[s:s + 4096], a32)):
+                acc.append(torch.linalg.vector_norm(v, dim=1))
+        return [torch.cat(v).double() if v else torch.zeros(0, dtype=torch.float64) for v in out]
+
+    e_x, n_x, n_x16 = norms(x, x16)
+    e_o, _, n_o16 = norms(other, other16)
+    e_o, n_o16 = float(e_o.max()), float(n_o16.max())
+    return (e_x * n_o16 + n_x * e_o + gamma * n_x16 * n_o16) * (1 + 2.0 ** -10) + SLACK
+
+
+def _lower_bound(t, delta):
+    """Lower bound [n] on the exact score of any key whose bf16 score is >= t [n] (float64)."""
+    return t - delta - U * t.abs()
+
+
+def _threshold(low, delta):
+    """float32 [n]: keys with bf16 score below it cannot reach ``low`` (float64 [n]), rounded down."""
+    import torch
+
+    c = low - delta
+    th = torch.where(c >= 0, c / (1 + U), c / (1 - U))
+    th = torch.nan_to_num(th, nan=-math.inf)  # low = -inf: nothing can be discarded yet
+    t32 = th.float()
+    return torch.where(t32.double() > th, torch.nextafter(t32, torch.full_like(t32, -math.inf)), t32)
+
+
+def _run_max(tile, run: int, group: int, k: int):
+    """One integer pass over the bf16 ``tile`` [n, m].
+
+    Returns (upper float32 [n, m // run]: an upper bound of each run's maximum; lows float32
+    [n, >= k] or fewer columns: elements of distinct groups of columns, so that the k-th
+    largest of them is <= the row's k-th largest score).  Columns past the last whole run
+    are not covered by ``upper``.
+    """
+    import torch
+
+    n, m = tile.shape
+    nr = m // run
+    runs = tile.view(torch.int16).as_strided((n, nr, run), (m, run, 1))  # a view, also when m % run != 0
+    mx = runs.amax(-1)  # the largest bit pattern; exact for runs with a value >= 0
+    upper = mx.view(torch.bfloat16).float().clamp_(min=0.0)  # sign bit everywhere: all values <= 0
+    ng = nr // group
+    if ng >= k:  # the largest bit pattern of each group: one of its elements
+        lows = mx[:, : ng * group].reshape(n, ng, group).amax(-1)
+    elif nr >= k:
+        lows = mx
+    else:  # a narrow tile: its own values
+        return upper, tile.float()
+    return upper, lows.view(torch.bfloat16).float()
+
+
+class _Collector:
+    """Candidates of one block of query rows, kept flat: (row, key, bf16 score) for every key
+    that may still be in its row's exact top-k.
+
+    A row's running lower bound is the k-th largest of the "lows" of :func:`_run_max` seen so
+    far.  A row with more than ``cap`` candidates (keys crowded inside the error band:
+    duplicates, degenerate embeddings) is dropped and searched again in float32, so the lists
+    stay within ``n * cap`` entries and a tile's gather within ``n * cap`` runs.
+    """
+
+    def __init__(self, n: int, k: int, delta, run: int = RUN, cap: int = CAP) -> None:
+        import torch
+
+        self.n, self.k, self.run, self.cap = n, k, run, cap
+        self.delta = delta  # float64 [n]
+        self.top = torch.full((n, k), -math.inf)  # the k largest lows so far
+        self.dead = torch.zeros(n, dtype=torch.bool)
+        self.rows = torch.empty(0, dtype=torch.long)
+        self.keys = torch.empty(0, dtype=torch.long)
+        self.vals = torch.empty(0)
+
+    def threshold(self):
+        """float32 [n]: keys scoring below it in bf16 cannot be in the row's exact top-k (+inf: dropped)."""
+        low = _lower_bound(self.top.amin(1).double(), self.delta)
+        th = _threshold(low, self.delta)
+        return th.masked_fill(self.dead, math.inf)
+
+    def _kill(self, rows) -> None:
+        self.dead |= rows
+        keep = ~rows[self.rows]
+        self.rows, self.keys, self.vals = self.rows[keep], self.keys[keep], self.vals[keep]
+
+    def update(self, tile, col0: int, upper, lows) -> None:
+        """Collect from the bf16 ``tile`` [n, m] (keys col0 .. col0 + m); ``upper``, ``lows``:
+        its :func:`_run_max`."""
+        import torch
+
+        n, m = tile.shape
+        run, nr = self.run, upper.shape[1]
+        self.top = torch.cat([self.top, lows], 1).topk(self.k, dim=1, sorted=False).values
+        th = self.threshold()
+        # the bound rose: earlier candidates may be out now
+        keep = self.vals >= th[self.rows]
+        rows, keys, vals = [self.rows[keep]], [self.keys[keep]], [self.vals[keep]]
+        if nr:
+            hit = upper >= th.unsqueeze(1)  # runs that may hold candidates
+            crowded = hit.sum(1) > self.cap  # dropping a row is always safe: it is searched again
+            if bool(crowded.any()):
+                self._kill(crowded)
+                hit &= ~crowded.unsqueeze(1)
+            rr, rc = hit.nonzero(as_tuple=True)
+            if nr * run == m:  # whole runs are rows of a [n * nr, run] view: index_select is a memcpy
+                seg = torch.index_select(tile.view(n * nr, run), 0, rr * nr + rc)
+            else:
+                seg = tile.as_strided((n, nr, run), (m, run, 1))[rr, rc]
+            seg = seg.float()  # [runs, run]
+            pi, pj = ((seg >= th[rr].unsqueeze(1)) & (seg > -math.inf)).nonzero(as_tuple=True)
+            rows.append(rr[pi])
+            keys.append(rc[pi] * run + pj + col0)
+            vals.append(seg[pi, pj])
+        if nr * run < m:  # the columns after the last whole run (fewer than ``run``)
+            tail = tile[:, nr * run:].float()
+            ti, tj = ((tail >= th.unsqueeze(1)) & (tail > -math.inf)).nonzero(as_tuple=True)
+            rows.append(ti)
+            keys.append(tj + col0 + nr * run)
+            vals.append(tail[ti, tj])
+        self.rows, self.keys, self.vals = torch.cat(rows), torch.cat(keys), torch.cat(vals)
+        crowded = torch.bincount(self.rows, minlength=n) > self.cap
+        if bool(crowded.any()):
+            self._kill(crowded)
+
+    def finish(self, queries, keys, stats: dict[str, Any] | None = None):
+        """Re-score the candidates in float32: (values [n, k] descending, indices [n, k],
+        certified bool [n]).  queries [n, D] are this block's rows; uncertified rows hold -inf / -1."""
+        import torch
+
+        n, k = self.n, self.k
+        keep = self.vals >= self.threshold()[self.rows]
+        rows, kidx = self.rows[keep], self.keys[keep]
+        exact = torch.empty(len(rows))
+        for s in range(0, len(rows), 4096):  # in slices: gathered rows stay a few MiB
+            e = s + 4096
+            exact[s:e] = torch.linalg.vecdot(torch.index_select(keys, 0, kidx[s:e]),
+                                             torch.index_select(queries, 0, rows[s:e]))
+        # group by row, best first (ties: the lower key index first, as collected)
+        order = torch.argsort(exact, descending=True, stable=True)
+        order = order[torch.argsort(rows[order], stable=True)]
+        rows, kidx, exact = rows[order], kidx[order], exact[order]
+        counts = torch.bincount(rows, minlength=n)
+        pos = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]
+        top = pos < k
+        v = torch.full((n, k), -math.inf)
+        i = torch.full((n, k), -1, dtype=torch.long)
+        v[rows[top], pos[top]] = exact[top]
+        i[rows[top], pos[top]] = kidx[top]
+        if stats is not None:
+            stats["rescored"] = stats.get("rescored", 0) + len(rows)
+        return v, i, ~self.dead & (counts >= k)
+
+
+def bf16_topk(queries, keys, k: int, *, block: int, key_factor: int, exclude=None, cap: int = CAP,
+              run: int = RUN, stats: dict[str, Any] | None = None):
+    """Exact top-k of unit-norm ``keys`` [K, D] for each unit-norm query [Q, D] (cosine), on CPU.
+
+    ``exclude`` int64 [Q]: a key index to skip per query (-1: none).  Returns (values float32
+    [Q, k], indices int64 [Q, k], rows int64 [U]: the queries that were not certified and must
+    be searched again in float32).  ``stats`` (optional) receives counts for benchmarks.
+    Tiles are [block, key_factor * block] bf16 values (half the bytes of float32 tiles).
+    """
+    import torch
+
+    from ganprint.similarity import _one_thread, _tiles
+
+    nq, nk = queries.shape[0], keys.shape[0]
+    cap = max(cap, 4 * k)
+    q16, k16 = queries.bfloat16(), keys.bfloat16()
+    delta = error_bounds(queries, q16, keys, k16)
+    qblock, kblock = block, block * key_factor
+    buf = torch.empty(min(qblock, nq) * min(kblock, nk), dtype=torch.bfloat16)
+    out_v = torch.empty(nq, k)
+    out_i = torch.empty(nq, k, dtype=torch.long)
+    redo = []
+    excl = None if exclude is None else torch.as_tensor(exclude, dtype=torch.long)
+    with torch.inference_mode():
+        for q0, q1 in _tiles(nq, qblock):
+            q = q16[q0:q1]
+            cands = _Collector(q1 - q0, k, delta[q0:q1], run, cap=cap)
+            ex = None if excl is None else excl[q0:q1]
+            for k0, k1 in _tiles(nk, kblock):
+                tile = buf[: (q1 - q0) * (k1 - k0)].view(q1 - q0, k1 - k0)
+                torch.mm(q, k16[k0:k1].t(), out=tile)
+                if ex is not None:
+                    hit = (ex >= k0) & (ex < k1)
+                    if bool(hit.any()):
+                        r = hit.nonzero().squeeze(1)
+                        tile[r, ex[r] - k0] = -math.inf
+                upper, lows = _run_max(tile, run, GROUP, k)  # the one pass over the tile: all threads
+                with _one_thread(tile.device):
+                    cands.update(tile, k0, upper, lows)
+            v, i, ok = cands.finish(queries[q0:q1], keys, stats)
+            out_v[q0:q1], out_i[q0:q1] = v, i
+            redo.append((~ok).nonzero().squeeze(1) + q0)
+    redo_rows = torch.cat(redo) if redo else torch.empty(0, dtype=torch.long)
+    if stats is not None:
+        stats["rows"] = stats.get("rows", 0) + nq
+        stats["redone"] = stats.get("redone", 0) + len(redo_rows)
+        stats["delta_max"] = max(stats.get("delta_max", 0.0), float(delta.max()))
+    return out_v, out_i, redo_rows
