@@ -9,11 +9,11 @@ import torch
 
 from ganprint import prefilter
 from ganprint.errors import GanprintError
-from ganprint.prefilter import U, bf16_topk, error_bounds
+from ganprint.prefilter import U, bf16_topk, prepare
 from ganprint.similarity import FULL_AUTO_MAX, KEY_BLOCK_FACTOR, compute_similarity, resolve_precision, topk_search
 
 
-def unit(n, d, seed, scale=None):
+def unit(n, d, seed, scale=None):  # scale: truthy for a wide dynamic range
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)
     if scale is not None:  # a wide dynamic range per coordinate: rounding errors differ a lot by row
@@ -28,19 +28,31 @@ def clustered(n, d, seed, spread):
     return torch.nn.functional.normalize(c + spread * torch.randn(n, d, generator=g), dim=1)
 
 
-@pytest.mark.parametrize("scale", [None, "wide"])
-def test_error_bound_holds_for_every_pair(scale):
-    q, k = unit(300, 96, 0, scale), unit(2000, 96, 1, scale)
-    q16, k16 = q.bfloat16(), k.bfloat16()
+@pytest.mark.parametrize("data", ["random", "wide", "crowded"])
+def test_error_bound_holds_for_every_pair(data):
+    if data == "crowded":  # cosines ~0.9: the keys are centred before rounding
+        q, k = clustered(300, 96, 0, 0.3), clustered(2000, 96, 0, 0.3)
+    else:
+        q, k = unit(300, 96, 0, data == "wide" or None), unit(2000, 96, 1, data == "wide" or None)
+    q16, k16, mu, delta = prepare(q, k)
     approx = torch.mm(q16, k16.t()).double()  # the same bf16 product the search uses
-    exact = q.double() @ k.double().t()
-    delta = error_bounds(q, q16, k, k16)
-    excess = (approx - exact).abs() - (delta.unsqueeze(1) + U * approx.abs())
+    exact = q.double() @ (k.double() - mu.double()).t()
+    err = (approx - exact).abs()
+    excess = err - (delta.unsqueeze(1) + U * approx.abs())
     assert float(excess.max()) <= 0.0
-    # and the bound is not vacuous: far below the spread of random cosines (~0.1 at D=96)
+    # and the bound is not vacuous: far below the spread of the cosines (~0.1 at D=96 for random vectors)
     assert float(delta.max()) < 0.02
     # nor absurdly loose: the worst observed error uses a fair share of it
-    assert float(((approx - exact).abs() / (delta.unsqueeze(1) + U * approx.abs())).max()) > 0.05
+    assert float((err / (delta.unsqueeze(1) + U * approx.abs())).max()) > 0.05
+
+
+def test_centring_shrinks_the_bound_for_crowded_embeddings():
+    q, k = clustered(100, 96, 0, 0.3), clustered(2000, 96, 0, 0.3)
+    assert float((q @ k.t()).mean()) > 0.8
+    _, _, mu, centred = prepare(q, k)
+    assert float(mu.norm()) > 0.8
+    # without centring the bound would be ~0.004 (unit keys); centred keys are much shorter
+    assert float(centred.max()) < 0.5 * 0.0041
 
 
 @pytest.mark.parametrize("nq,nk,k,block", [(130, 1500, 10, 64), (157, 4099, 5, 50), (40, 25, 3, 7), (64, 700, 1, 16),
@@ -69,13 +81,15 @@ def test_bf16_search_with_exclude_equals_fp32():
 def test_crowded_rows_are_searched_again_and_stay_exact():
     """Keys so alike that more than ``cap`` of them sit inside a row's error band: the row is not
     certified, bf16_topk hands it back, and topk_search's float32 pass makes it exact."""
-    q, keys = clustered(50, 64, 5, 0.02), clustered(3000, 64, 5, 0.02)
+    q = clustered(50, 64, 5, 0.02)
+    keys = clustered(10, 64, 5, 0.02).repeat(300, 1)  # every key 300 times: ties fill any band
     stats = {}
     _, _, redo = bf16_topk(q, keys, 5, block=16, key_factor=KEY_BLOCK_FACTOR, cap=8)
     assert len(redo) > 0
     a, _, _ = topk_search(q, keys, 5, block=16, prepared=True, precision="bf16", stats=stats)
     b, _, _ = topk_search(q, keys, 5, block=16, prepared=True, precision="fp32")
     assert stats["redone"] > 0
+    assert stats["gave_up_at_row"] == 16  # after the first block of 16 rows, the rest went to float32
     assert torch.equal(a.indices, b.indices)
     assert torch.allclose(a.values, b.values, atol=1e-6, rtol=0)
 
@@ -141,3 +155,24 @@ def test_compute_similarity_same_tensors_in_both_precisions():
             assert torch.equal(a[name], b[name]), name
         else:
             assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+
+
+def test_cnn_like_embeddings_match_float64_truth():
+    """Non-negative features crowding around one direction (cosines ~0.65 +- 0.01, like pooled
+    CNN features): centring keeps the band narrow, every row is certified, and the top-k is the
+    float64 one."""
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(1, 256, generator=g).abs()
+
+    def feats(n):
+        return torch.nn.functional.normalize(torch.relu(base + torch.randn(n, 256, generator=g)), dim=1)
+
+    q, keys = feats(200), feats(6000)
+    cos = q @ keys.t()
+    assert float(cos.mean()) > 0.5 and float(cos.std()) < 0.05
+    stats = {}
+    a, _, _ = topk_search(q, keys, 10, block=64, prepared=True, precision="bf16", stats=stats)
+    assert stats["redone"] == 0
+    truth = (q.double() @ keys.double().t()).topk(10, dim=1)
+    assert torch.equal(a.indices.sort(1).values, truth.indices.sort(1).values)
+    assert torch.allclose(a.values.double(), truth.values, atol=1e-6, rtol=0)
