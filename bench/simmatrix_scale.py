@@ -8,8 +8,9 @@ three alike), each over all keys:
 
   matmul       the bare float32 matrix products of the same [block, 16*block] tiles, no
                selection (the practical limit of an exact float32 search),
-  matmul_bf16  the same tiles as bf16 products (only when ganprint runs its bf16 path): the
-               limit of that path, so ganprint/matmul_bf16 is what selection + re-scoring cost,
+  matmul_bf16  bf16 products of the bf16 path's tiles ([block, 32*block], the same bytes), only
+               when ganprint runs that path: its limit, so ganprint/matmul_bf16 is what selection
+               + re-scoring cost,
   ganprint     ``ganprint.similarity.topk_search`` with ``--precision`` (auto: bf16 tiles,
                certified, re-scored in float32 where the CPU has bf16 dot products; else fp32),
   faiss        ``faiss.IndexFlatIP.search`` (exact), when faiss is installed.
@@ -88,7 +89,15 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from ganprint.similarity import DEFAULT_BLOCK, KEY_BLOCK_FACTOR, _sim_tile, _tiles, resolve_precision, topk_search
+    from ganprint.similarity import (
+        BF16_KEY_BLOCK_FACTOR,
+        DEFAULT_BLOCK,
+        KEY_BLOCK_FACTOR,
+        _sim_tile,
+        _tiles,
+        resolve_precision,
+        topk_search,
+    )
 
     torch.set_num_threads(args.threads)
     block = args.block or DEFAULT_BLOCK
@@ -121,11 +130,12 @@ def main() -> int:
 
     def bare16(q):
         # the bf16 path's products alone (its rounding of the inputs included, as in topk_search)
-        buf = torch.empty(min(qblock, len(q)) * min(kblock, m), dtype=torch.bfloat16)
+        kb16 = block * BF16_KEY_BLOCK_FACTOR
+        buf = torch.empty(min(qblock, len(q)) * min(kb16, m), dtype=torch.bfloat16)
         with torch.inference_mode():
             q16 = q.bfloat16()
             for q0, q1 in _tiles(len(q), qblock):
-                for k0, k1 in _tiles(m, kblock):
+                for k0, k1 in _tiles(m, kb16):
                     out = buf[: (q1 - q0) * (k1 - k0)].view(q1 - q0, k1 - k0)
                     torch.mm(q16[q0:q1], keys16[k0:k1].t(), out=out)
 
@@ -208,6 +218,7 @@ def main() -> int:
 
     res = {
         "n": n, "m": m, "dim": dim, "k": k, "block": block, "tile": [min(qblock, n), min(kblock, m)],
+        "tile_bf16": None if keys16 is None else [min(qblock, n), min(block * BF16_KEY_BLOCK_FACTOR, m)],
         "threads": args.threads, "device": str(dev), "torch": torch.__version__, "precision": precision,
         "seconds": {p: round(v, 2) for p, v in seconds.items()},
         "cpu_seconds": {p: round(v, 2) for p, v in cpu.items()},
@@ -242,8 +253,9 @@ def main() -> int:
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"exact top-{k}, {n:,} x {m:,} unit vectors, D={dim}, tiles {res['tile']}, {args.threads} threads, {dev}, "
-              f"ganprint precision {precision}")
+        t16 = f" (bf16 tiles {res['tile_bf16']})" if keys16 is not None else ""
+        print(f"exact top-{k}, {n:,} x {m:,} unit vectors, D={dim}, tiles {res['tile']}{t16}, {args.threads} threads, "
+              f"{dev}, ganprint precision {precision}")
         for p in phases:
             print(f"  {p:9s} {seconds[p]:8.2f} s  (CPU {cpu[p]:7.2f} s)   peak RSS {res['peak_rss_mib'][p]:8.1f} MiB, "
                   f"+{res['rss_growth_within_call_mib'][p]:.1f} MiB within a call")

@@ -149,9 +149,10 @@ class _Collector:
     that may still be in its row's exact top-k.
 
     A row's running lower bound is the k-th largest of the "lows" of :func:`_run_max` seen so
-    far.  A row with more than ``cap`` candidates (keys crowded inside the error band:
-    duplicates, degenerate embeddings) is dropped and searched again in float32, so the lists
-    stay within ``n * cap`` entries and a tile's gather within ``n * cap`` runs.
+    far.  Candidates are appended per tile and re-filtered against the risen bound only when a
+    row's count passes ``cap``; a row still over ``cap`` then (keys crowded inside the error
+    band: duplicates, degenerate embeddings) is dropped and searched again in float32.  So the
+    lists hold at most ``n * cap`` entries after a tile, and a tile adds at most ``n * cap``.
     """
 
     def __init__(self, n: int, k: int, delta, run: int = RUN, cap: int = CAP) -> None:
@@ -161,9 +162,8 @@ class _Collector:
         self.delta = delta  # float64 [n]
         self.top = torch.full((n, k), -math.inf)  # the k largest lows so far
         self.dead = torch.zeros(n, dtype=torch.bool)
-        self.rows = torch.empty(0, dtype=torch.long)
-        self.keys = torch.empty(0, dtype=torch.long)
-        self.vals = torch.empty(0)
+        self.counts = torch.zeros(n, dtype=torch.long)  # entries per row, stale ones included
+        self.parts: list[tuple[Any, Any, Any]] = []  # (rows, keys, bf16 scores) per tile
 
     def threshold(self):
         """float32 [n]: keys scoring below it in bf16 cannot be in the row's exact top-k (+inf: dropped)."""
@@ -171,10 +171,19 @@ class _Collector:
         th = _threshold(low, self.delta)
         return th.masked_fill(self.dead, math.inf)
 
-    def _kill(self, rows) -> None:
-        self.dead |= rows
-        keep = ~rows[self.rows]
-        self.rows, self.keys, self.vals = self.rows[keep], self.keys[keep], self.vals[keep]
+    def _compact(self, th):
+        """Drop entries below ``th`` or of dropped rows; returns the flat (rows, keys, scores)."""
+        import torch
+
+        if not self.parts:
+            e = torch.empty(0, dtype=torch.long)
+            return e, e, torch.empty(0)
+        rows, keys, vals = (torch.cat(x) for x in zip(*self.parts)) if len(self.parts) > 1 else self.parts[0]
+        keep = vals >= th[rows]  # th is +inf for dropped rows
+        rows, keys, vals = rows[keep], keys[keep], vals[keep]
+        self.parts = [(rows, keys, vals)]
+        self.counts = torch.bincount(rows, minlength=self.n)
+        return rows, keys, vals
 
     def update(self, tile, col0: int, upper, lows) -> None:
         """Collect from the bf16 ``tile`` [n, m] (keys col0 .. col0 + m); ``upper``, ``lows``:
@@ -185,35 +194,40 @@ class _Collector:
         run, nr = self.run, upper.shape[1]
         self.top = torch.cat([self.top, lows], 1).topk(self.k, dim=1, sorted=False).values
         th = self.threshold()
-        # the bound rose: earlier candidates may be out now
-        keep = self.vals >= th[self.rows]
-        rows, keys, vals = [self.rows[keep]], [self.keys[keep]], [self.vals[keep]]
         if nr:
             hit = upper >= th.unsqueeze(1)  # runs that may hold candidates
-            crowded = hit.sum(1) > self.cap  # dropping a row is always safe: it is searched again
-            if bool(crowded.any()):
-                self._kill(crowded)
-                hit &= ~crowded.unsqueeze(1)
             rr, rc = hit.nonzero(as_tuple=True)
+            if len(rr) > n * self.cap // 4:  # unusually many: drop rows with more runs than cap
+                crowded = hit.sum(1) > self.cap
+                if bool(crowded.any()):
+                    self.dead |= crowded
+                    th = th.masked_fill(crowded, math.inf)
+                    keep = ~crowded[rr]
+                    rr, rc = rr[keep], rc[keep]
             if nr * run == m:  # whole runs are rows of a [n * nr, run] view: index_select is a memcpy
                 seg = torch.index_select(tile.view(n * nr, run), 0, rr * nr + rc)
             else:
                 seg = tile.as_strided((n, nr, run), (m, run, 1))[rr, rc]
             seg = seg.float()  # [runs, run]
             pi, pj = ((seg >= th[rr].unsqueeze(1)) & (seg > -math.inf)).nonzero(as_tuple=True)
-            rows.append(rr[pi])
-            keys.append(rc[pi] * run + pj + col0)
-            vals.append(seg[pi, pj])
+            self._add(rr[pi], rc[pi] * run + pj + col0, seg[pi, pj])
         if nr * run < m:  # the columns after the last whole run (fewer than ``run``)
             tail = tile[:, nr * run:].float()
             ti, tj = ((tail >= th.unsqueeze(1)) & (tail > -math.inf)).nonzero(as_tuple=True)
-            rows.append(ti)
-            keys.append(tj + col0 + nr * run)
-            vals.append(tail[ti, tj])
-        self.rows, self.keys, self.vals = torch.cat(rows), torch.cat(keys), torch.cat(vals)
-        crowded = torch.bincount(self.rows, minlength=n) > self.cap
-        if bool(crowded.any()):
-            self._kill(crowded)
+            self._add(ti, tj + col0 + nr * run, tail[ti, tj])
+        if bool((self.counts > self.cap).any()):
+            self._compact(th)  # re-filter against the risen bound first
+            crowded = self.counts > self.cap
+            if bool(crowded.any()):
+                self.dead |= crowded
+                self._compact(th.masked_fill(crowded, math.inf))
+
+    def _add(self, rows, keys, vals) -> None:
+        import torch
+
+        if len(rows):
+            self.parts.append((rows, keys, vals))
+            self.counts += torch.bincount(rows, minlength=self.n)
 
     def finish(self, queries, keys, stats: dict[str, Any] | None = None):
         """Re-score the candidates in float32: (values [n, k] descending, indices [n, k],
@@ -221,8 +235,7 @@ class _Collector:
         import torch
 
         n, k = self.n, self.k
-        keep = self.vals >= self.threshold()[self.rows]
-        rows, kidx = self.rows[keep], self.keys[keep]
+        rows, kidx, _ = self._compact(self.threshold())
         exact = torch.empty(len(rows))
         for s in range(0, len(rows), 4096):  # in slices: gathered rows stay a few MiB
             e = s + 4096
