@@ -57,10 +57,12 @@ def simmatrix(
     if not quiet:
         ref = f", reference {outcome.n_reference}" if outcome.n_reference is not None else ""
         log(f"similarity {outcome.n_generated} generated x {outcome.n_real} real{ref} ({metric}, top-{outcome.k}"
-            f"{', full matrix' if outcome.full else ''}) in {outcome.seconds:.1f}s")
+            f"{', full matrix' if outcome.full else ''}{', bf16 tiles' if outcome.provenance.get('precision') == 'bf16' else ''}"
+            f") in {outcome.seconds:.1f}s")
     if as_json:
         print_json({"artifact": str(outcome.base), "generated": outcome.n_generated, "real": outcome.n_real,
                     "reference": outcome.n_reference, "k": outcome.k, "full": outcome.full, "metric": metric,
+                    "precision": outcome.provenance.get("precision"),
                     "seconds": round(outcome.seconds, 3)})
     else:
         typer.echo(str(outcome.base))

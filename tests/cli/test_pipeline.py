@@ -103,6 +103,9 @@ def test_cli_simmatrix_precision(tmp_path):
         assert res.exit_code == 0, res.stderr
         out[prec] = read_artifact(tmp_path / prec, kind="similarity")
     assert out["bf16"].provenance["precision"] == "bf16" and out["fp32"].provenance["precision"] == "fp32"
+    res = runner.invoke(app, ["simmatrix", str(ds), "-o", str(tmp_path / "j"), "--precision", "bf16", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["precision"] == "fp32"  # small: the full matrix, float32
+    assert "bf16 tiles" not in res.stderr
     assert torch.equal(out["bf16"].tensors["real_topk_indices"], out["fp32"].tensors["real_topk_indices"])
     assert torch.equal(out["bf16"].tensors["gen_topk_indices"], out["fp32"].tensors["gen_topk_indices"])
     res = runner.invoke(app, ["simmatrix", str(ds), "-o", str(tmp_path / "l2"), "--metric", "l2", "--precision", "bf16"])
