@@ -152,8 +152,8 @@ class _Collector:
     far.  Candidates are appended per tile and re-filtered against the risen bound only when a
     row's count passes ``cap``; a row still over ``cap`` then (keys crowded inside the error
     band: duplicates, degenerate embeddings) is dropped and searched again in float32.  So the
-    lists hold at most ``n * cap`` entries after a tile; within a tile, a row whose runs passing
-    the bound number more than ``cap`` is dropped before its runs are gathered.
+    lists hold at most ``n * cap`` entries after a tile, and a tile gathers at most ``n * cap``
+    runs (when the runs passing the bound are that many, rows with over ``cap`` are dropped first).
     """
 
     def __init__(self, n: int, k: int, delta, run: int = RUN, cap: int = CAP) -> None:
