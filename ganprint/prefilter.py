@@ -265,7 +265,7 @@ def bf16_topk(queries, keys, k: int, *, block: int, key_factor: int, exclude=Non
     ``exclude`` int64 [Q]: a key index to skip per query (-1: none).  Returns (values float32
     [Q, k], indices int64 [Q, k], rows int64 [U]: the queries that were not certified and must
     be searched again in float32).  ``stats`` (optional) receives counts for benchmarks.
-    Tiles are [block, key_factor * block] bf16 values (half the bytes of float32 tiles).
+    Tiles are [block, key_factor * block] bf16 values (2 bytes each).
     """
     import torch
 
@@ -276,8 +276,8 @@ def bf16_topk(queries, keys, k: int, *, block: int, key_factor: int, exclude=Non
     q16, k16, _, delta = prepare(queries, keys)
     qblock, kblock = block, block * key_factor
     buf = torch.empty(min(qblock, nq) * min(kblock, nk), dtype=torch.bfloat16)
-    out_v = torch.empty(nq, k)
-    out_i = torch.empty(nq, k, dtype=torch.long)
+    out_v = torch.full((nq, k), -math.inf)
+    out_i = torch.full((nq, k), -1, dtype=torch.long)
     redo = []
     excl = None if exclude is None else torch.as_tensor(exclude, dtype=torch.long)
     with torch.inference_mode():
@@ -309,5 +309,5 @@ def bf16_topk(queries, keys, k: int, *, block: int, key_factor: int, exclude=Non
     if stats is not None:
         stats["rows"] = stats.get("rows", 0) + nq
         stats["redone"] = stats.get("redone", 0) + len(redo_rows)
-        stats["delta_max"] = max(stats.get("delta_max", 0.0), float(delta.max()))
+        stats["delta_max"] = max(stats.get("delta_max", 0.0), float(delta.max()) if nq else 0.0)
     return out_v, out_i, redo_rows
