@@ -1,10 +1,14 @@
 """Exact top-k similarity search at scale, as ratios against baselines measured in the same run.
 
     python bench/simmatrix_scale.py [--n 100000] [--m N] [--dim 256] [--k 10] [--block 2048]
+    python bench/simmatrix_scale.py --embeddings EMB --n 10000 --m 20000 [--jitter 0.3]
 
-Queries [n, D] and keys [m, D] are seeded random unit vectors.  Three measurements over the
-same query slices, interleaved slice by slice (so a machine shared with other jobs slows all
-three alike), each over all keys:
+Queries [n, D] and keys [m, D] are seeded random unit vectors, or (``--embeddings EMB``, an
+artifact of ``ganprint embed``) rows of real embeddings drawn with replacement, each moved by
+Gaussian noise of ``--jitter`` x the per-dimension spread so that no two are equal, then
+normalised: a crowded, realistic distribution at any scale.  The measurements over the
+same query slices, interleaved slice by slice (so a machine shared with other jobs slows them
+all alike), each over all keys:
 
   matmul       the bare float32 matrix products of the same [block, 16*block] tiles, no
                selection (the practical limit of an exact float32 search),
@@ -70,6 +74,23 @@ def unit_vectors(n: int, dim: int, seed: int):
     return x
 
 
+def resampled(path: str, n: int, m: int, jitter: float, seed: int):
+    """Queries [n, D] and keys [m, D] drawn from the rows of an embeddings artifact (see above)."""
+    import torch
+
+    from ganprint.artifacts import read_artifact
+
+    x = read_artifact(path, kind="embeddings").tensor("embeddings").float()
+    g = torch.Generator().manual_seed(seed)
+    spread = x.std(0)
+
+    def draw(count):
+        rows = x[torch.randint(0, len(x), (count,), generator=g)]
+        return torch.nn.functional.normalize(rows + jitter * spread * torch.randn(count, x.shape[1], generator=g), dim=1)
+
+    return draw(n), draw(m)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000, help="queries (real images)")
@@ -83,6 +104,8 @@ def main() -> int:
     ap.add_argument("--precision", default="auto", help="ganprint's tile precision: auto, fp32 or bf16")
     ap.add_argument("--no-faiss", action="store_true", help="skip the faiss baseline")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--embeddings", default=None, help="draw the vectors from this embeddings artifact")
+    ap.add_argument("--jitter", type=float, default=0.3, help="with --embeddings: noise, x the per-dimension std")
     ap.add_argument("--json", action="store_true", help="print a JSON summary")
     args = ap.parse_args()
 
@@ -113,8 +136,12 @@ def main() -> int:
             print("faiss not installed: skipping the faiss baseline (pip install faiss-cpu)", file=sys.stderr)
 
     load0 = os.getloadavg()
-    queries = unit_vectors(n, dim, args.seed)
-    keys = unit_vectors(m, dim, args.seed + 1)
+    if args.embeddings:
+        queries, keys = resampled(args.embeddings, n, m, args.jitter, args.seed)
+        dim = queries.shape[1]
+    else:
+        queries = unit_vectors(n, dim, args.seed)
+        keys = unit_vectors(m, dim, args.seed + 1)
     base_rss = rss_bytes()
     index = None
     if faiss is not None:
@@ -217,7 +244,8 @@ def main() -> int:
     load1 = os.getloadavg()
 
     res = {
-        "n": n, "m": m, "dim": dim, "k": k, "block": block, "tile": [min(qblock, n), min(kblock, m)],
+        "n": n, "m": m, "dim": dim, "k": k, "embeddings": args.embeddings,
+        "jitter": args.jitter if args.embeddings else None, "block": block, "tile": [min(qblock, n), min(kblock, m)],
         "tile_bf16": None if keys16 is None else [min(qblock, n), min(block * BF16_KEY_BLOCK_FACTOR, m)],
         "threads": args.threads, "device": str(dev), "torch": torch.__version__, "precision": precision,
         "seconds": {p: round(v, 2) for p, v in seconds.items()},
@@ -254,7 +282,8 @@ def main() -> int:
         print(json.dumps(res, indent=2))
     else:
         t16 = f" (bf16 tiles {res['tile_bf16']})" if keys16 is not None else ""
-        print(f"exact top-{k}, {n:,} x {m:,} unit vectors, D={dim}, tiles {res['tile']}{t16}, {args.threads} threads, "
+        what = f"rows of {args.embeddings} (jitter {args.jitter})" if args.embeddings else "unit vectors"
+        print(f"exact top-{k}, {n:,} x {m:,} {what}, D={dim}, tiles {res['tile']}{t16}, {args.threads} threads, "
               f"{dev}, ganprint precision {precision}")
         for p in phases:
             print(f"  {p:9s} {seconds[p]:8.2f} s  (CPU {cpu[p]:7.2f} s)   peak RSS {res['peak_rss_mib'][p]:8.1f} MiB, "

@@ -46,6 +46,7 @@ CAP = 256  # candidates a row may collect before it is searched again in float32
 RUN = 64  # columns per run for the int16 run-maximum pass
 GROUP = 8  # runs per group: group maxima give each row's running lower bound
 GIVE_UP = 0.25  # once more than this share of the rows so far needs float32, the rest go there directly
+PILOT = 64  # rows in the first block: crowded data is detected after a small share of the work
 SLACK = 1e-30  # flushed bf16/float32 subnormals (DAZ/FTZ) change a score by far less than this
 
 
@@ -281,7 +282,8 @@ def bf16_topk(queries, keys, k: int, *, block: int, key_factor: int, exclude=Non
     redo = []
     excl = None if exclude is None else torch.as_tensor(exclude, dtype=torch.long)
     with torch.inference_mode():
-        for q0, q1 in _tiles(nq, qblock):
+        pilot = min(PILOT, qblock, nq)
+        for q0, q1 in [(0, pilot)] + [(s, min(nq, s + qblock)) for s in range(pilot, nq, qblock)]:
             q = q16[q0:q1]
             cands = _Collector(q1 - q0, k, delta[q0:q1], run, cap=cap)
             ex = None if excl is None else excl[q0:q1]

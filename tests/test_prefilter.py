@@ -90,6 +90,11 @@ def test_crowded_rows_are_searched_again_and_stay_exact():
     b, _, _ = topk_search(q, keys, 5, block=16, prepared=True, precision="fp32")
     assert stats["redone"] > 0
     assert stats["gave_up_at_row"] == 16  # after the first block of 16 rows, the rest went to float32
+    stats = {}
+    many = clustered(600, 64, 6, 0.02)
+    c, _, _ = topk_search(many, keys, 5, block=1024, prepared=True, precision="bf16", stats=stats)
+    assert stats["gave_up_at_row"] == 64  # the first (pilot) block is min(64, block) rows
+    assert torch.equal(c.values, topk_search(many, keys, 5, block=1024, prepared=True, precision="fp32")[0].values)
     assert torch.equal(a.indices, b.indices)
     assert torch.allclose(a.values, b.values, atol=1e-6, rtol=0)
 
