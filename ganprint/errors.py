@@ -6,6 +6,17 @@ offending file and says what to do; the CLI never shows a traceback for these.
 
 from __future__ import annotations
 
+import re
+
+_LINE_BREAKS = re.compile(r"[ \t]*[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+[ \t]*")
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: each line break (and the indentation around it) becomes one space.
+
+    Runs of spaces inside a line are kept, so a quoted value such as ``'0   '`` prints exactly."""
+    return _LINE_BREAKS.sub(" ", str(message)).strip()
+
 
 class GanprintError(Exception):
     """A user-facing error: bad input, missing weights, mismatched artifacts."""
@@ -17,7 +28,7 @@ class GanprintError(Exception):
         self.message = message
 
     def __str__(self) -> str:  # one line, always
-        return " ".join(self.message.split())
+        return one_line(self.message)
 
 
 class BadImageError(GanprintError):

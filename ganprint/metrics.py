@@ -197,16 +197,17 @@ def _is_csv(arg) -> bool:
                                                            not str(arg).endswith((".safetensors", ".parquet")))
 
 
-def load_predictions(arg) -> dict[str, Any]:
+def load_predictions(arg, header: bool = False) -> dict[str, Any]:
     """{ids, labels int64 [n], scores float64 [n] or None, truth float64 [n] (nan unknown) or None,
-    source, provenance}.  ``arg``: a submission CSV or a scores artifact."""
+    source, provenance}.  ``arg``: a submission CSV (``header``: the seed's variant with a header
+    line) or a scores artifact."""
     import numpy as np
 
     from ganprint.artifacts import read_artifact
     from ganprint.submission import read_submission
 
     if _is_csv(arg):
-        ids, labels = read_submission(arg)
+        ids, labels = read_submission(arg, header=header)
         return {"ids": ids, "labels": np.asarray(labels, dtype=np.int64), "scores": None, "truth": None,
                 "source": str(arg), "provenance": None}
     art = read_artifact(arg)
@@ -231,7 +232,7 @@ def load_truth(arg) -> tuple[list[str], Any, str]:
     from ganprint.submission import read_submission
 
     if _is_csv(arg):
-        ids, labels = read_submission(arg)
+        ids, labels = read_submission(arg, header=None)
         return ids, np.asarray(labels, dtype=np.int64), str(arg)
     art = read_artifact(arg)
     t = art.table
@@ -319,13 +320,13 @@ def plot_scores(path, y_true, scores, result: dict[str, Any] | None = None, titl
 
 
 def run_score(predictions, truth=None, *, bootstrap: int = 1000, seed: int = 0, max_fpr: float = 0.01,
-              plot=None) -> dict[str, Any]:
+              plot=None, header: bool = False) -> dict[str, Any]:
     """Evaluate ``predictions`` (CSV or scores artifact) against ``truth`` (CSV or labelled
     artifact; None: the labels stored in the scores artifact).  Returns :func:`evaluate`'s dict
     plus ``predictions``, ``truth`` and, for scores artifacts, ``attack`` and ``rule``."""
     import numpy as np
 
-    pred = load_predictions(predictions)
+    pred = load_predictions(predictions, header=header)
     if truth is None:
         if pred["truth"] is None or not np.isfinite(pred["truth"]).all():
             raise GanprintError(f"{pred['source']}: no truth labels stored for every image; pass --truth "

@@ -87,14 +87,14 @@ def validate_submission(ids: Sequence[str], labels: Sequence, *, header: bool = 
     if expected is not None:
         exp = [str(e) for e in expected]
         exp_set = set(exp)
-        missing = [e for e in exp if e not in seen]
-        if missing:
-            raise SubmissionError("missing", f"{source}: {len(missing)} test image(s) have no line, e.g. "
-                                             f"{_preview(missing)}; label every test image")
         unknown = [i for i in ids if i not in exp_set]
         if unknown:
             raise SubmissionError("unknown", f"{source}: {len(unknown)} id(s) are not test images, e.g. "
                                              f"{_preview(unknown)}; remove them")
+        missing = [e for e in exp if e not in seen]
+        if missing:
+            raise SubmissionError("missing", f"{source}: {len(missing)} test image(s) have no line, e.g. "
+                                             f"{_preview(missing)}; label every test image")
     return out
 
 
@@ -118,45 +118,75 @@ def write_submission(path: str | os.PathLike, ids: Sequence[str], labels: Sequen
     return path
 
 
-def read_submission(path: str | os.PathLike, *, header: bool | None = None,
-                    expected: Iterable[str] | None = None) -> tuple[list[str], list[int]]:
-    """Read and validate a submission CSV; ``header`` None detects the seed's header line.
+_HEADERS = (HEADER, "image_id,label", "id,label")
+_BOM = "\ufeff"
 
-    Returns (ids, labels).  The same rules as writing, plus: no empty line, two fields a line,
-    labels written ``0`` or ``1``.
+
+def _parse_label(field: str):
+    """The organisers' rule: ``int(field.strip())`` must give 0 or 1 (so ``+1`` and ``\\t1`` pass,
+    ``1.0`` and ``1e0`` do not).  Returns the int, or the raw field when it breaks the rule."""
+    try:
+        v = int(field.strip())
+    except ValueError:
+        return field
+    return v if v in (0, 1) else field
+
+
+def read_submission(path: str | os.PathLike, *, header: bool | None = False,
+                    expected: Iterable[str] | None = None) -> tuple[list[str], list[int]]:
+    """Read and validate a submission CSV exactly as the organisers' validator does, with
+    ganprint's messages.  Returns (ids, labels).
+
+    Their validator (ImageCLEFmed GANs 2023, task 1) opens the file as text (universal newlines),
+    splits each line on commas with no quoting, requires two fields, strips whitespace around
+    both and parses the label with ``int()``.  So trailing spaces, a missing final newline,
+    ``+1`` and a tab before the label are accepted; a UTF-8 byte-order mark (it becomes part of
+    the first id), a header line, ids with an extension, ``1.0``, empty lines, duplicates and
+    unknown or missing ids are rejected.
+
+    ``header``: False (the organisers' format) rejects a header line; True requires the seed's
+    header ``original_image,label`` (ids as given, extensions allowed); None detects it (truth CSVs).
     """
+    import csv
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8", newline=None) as fh:
+            rows = list(csv.reader(fh, delimiter=",", quoting=csv.QUOTE_NONE))
     except FileNotFoundError:
         raise GanprintError(f"{path}: not found; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GanprintError(f"{path}: cannot read as UTF-8 text ({exc}); pass a CSV file") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline
-    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
-    if not lines:
+    except IsADirectoryError:
+        raise GanprintError(f"{path}: is a folder, not a CSV file; pass the submission CSV") from None
+    except UnicodeDecodeError as exc:
+        raise GanprintError(f"{path}: is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                            "pass a CSV file saved as UTF-8") from None
+    except (OSError, csv.Error) as exc:
+        raise GanprintError(f"{path}: cannot read as CSV text ({getattr(exc, 'strerror', None) or exc}); "
+                            "pass a CSV file") from None
+    if not rows:
         raise SubmissionError("empty", f"{path}: is empty; a submission needs one line per test image")
-    first = lines[0].strip().lower()
-    has_header = first in (HEADER, "image_id,label", "id,label")
+    if rows[0] and rows[0][0].startswith(_BOM):
+        raise SubmissionError("bom", f"{path}: starts with a UTF-8 byte-order mark, which the organisers' "
+                                     "validator reads as part of the first image id; save the file without BOM")
+    first = ",".join(f.strip() for f in rows[0]).lower()
+    has_header = first in _HEADERS
     if header is None:
         header = has_header
     elif header and not has_header:
         raise SubmissionError("header", f"{path}: first line is not the header '{HEADER}'")
     elif not header and has_header:
-        raise SubmissionError("header", f"{path}: starts with a header line '{lines[0]}'; the format has none")
-    body = lines[1:] if header else lines
+        raise SubmissionError("header", f"{path}: line 1 is a header line {','.join(rows[0])!r}; the organisers' "
+                                        "format has none: remove it (or pass --header for the seed's variant)")
+    body = rows[1:] if header else rows
     ids: list[str] = []
     labels: list = []
-    for n, ln in enumerate(body, start=2 if header else 1):
-        if not ln.strip():
+    for n, row in enumerate(body, start=2 if header else 1):
+        if not row or (len(row) == 1 and not row[0].strip()):
             raise SubmissionError("empty_line", f"{path}: line {n} is empty; remove empty lines")
-        parts = ln.split(",")
-        if len(parts) != 2:
-            raise SubmissionError("columns", f"{path}: line {n} has {len(parts)} fields, expected 2 (id,label)")
-        ids.append(parts[0])
-        lab = parts[1]
-        labels.append(int(lab) if lab in ("0", "1") else lab)
+        if len(row) != 2:
+            raise SubmissionError("columns", f"{path}: line {n} has {len(row)} fields {','.join(row)!r}, "
+                                             "expected 2: <image_id>,<0|1>")
+        ids.append(row[0].strip())
+        labels.append(_parse_label(row[1]))
     validate_submission(ids, labels, header=header, expected=expected, source=str(path))
     return ids, [int(v) for v in labels]

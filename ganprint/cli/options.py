@@ -12,7 +12,9 @@ import typer
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
     """Print a one-line ``Error:`` on stderr and return the Exit to raise."""
-    print(f"Error: {' '.join(str(message).split())}", file=sys.stderr)
+    from ganprint.errors import one_line
+
+    print(f"Error: {one_line(message)}", file=sys.stderr)
     return typer.Exit(code)
 
 

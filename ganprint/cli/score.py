@@ -23,6 +23,8 @@ def score(
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     max_fpr: float = typer.Option(0.01, "--max-fpr", help="FPR for the TPR-at-low-FPR metric."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write ROC + per-class score histograms to this PNG."),
+    header: bool = typer.Option(False, "--header", help="PREDICTIONS is a CSV in the seed's variant (header line "
+                                                        "original_image,label; ids may keep their extension)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Score predictions against the truth (Cohen's kappa first; AUC and CIs say how sure)."""
@@ -36,7 +38,7 @@ def score(
 
     pred = str(resolve_artifact_arg(predictions)) if predictions == "-" else predictions
     tru = str(resolve_artifact_arg(truth)) if truth == "-" else truth
-    res = run_score(pred, tru, bootstrap=bootstrap, seed=seed, max_fpr=max_fpr, plot=plot)
+    res = run_score(pred, tru, bootstrap=bootstrap, seed=seed, max_fpr=max_fpr, plot=plot, header=header)
     if as_json:
         print_json(res)
         return
