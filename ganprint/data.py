@@ -16,8 +16,10 @@ ImageCLEF layouts are recognised from the nearest ancestor folder named ``genera
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,11 +79,76 @@ def _record(path: Path, relpath: str) -> ImageRecord:
 
 
 def _walk(root: Path) -> Iterable[Path]:
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith("."):
-                yield Path(dirpath) / name
+    """Every non-hidden entry below ``root``, following symlinked folders but entering each real
+    folder (device, inode) once, so symlink loops end.  Yields file-like entries only (anything
+    that is not a folder: regular files, FIFOs, devices, broken links); :func:`_check_file` sorts
+    them out without opening them."""
+    seen: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(Path(e.path))
+            else:
+                yield Path(e.path)
+        stack.extend(reversed(subdirs))
+
+
+def _check_file(path: Path) -> str | None:
+    """Why ``path`` cannot be an image file without opening it (a FIFO would block, ``/dev/zero``
+    never ends), or None for a regular file."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop (the link points back to itself)"
+        if path.is_symlink():
+            return "broken symbolic link (its target does not exist)"
+        return f"cannot read file ({exc.strerror})"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if stat.S_ISFIFO(st.st_mode):
+        kind = "a FIFO (named pipe)"
+    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        kind = "a device"
+    elif stat.S_ISSOCK(st.st_mode):
+        kind = "a socket"
+    else:
+        kind = "a special file"
+    return f"not a regular file ({kind}); only image files are read"
+
+
+def _reject(path: Path, skip_bad: bool, skipped: list[dict]) -> bool:
+    """True when ``path`` is not an image file to read (recorded in ``skipped`` under skip_bad,
+    else BadImageError)."""
+    reason = _check_file(path)
+    if reason is None and path.suffix.lower() not in IMAGE_SUFFIXES and not _is_dicom_file(path):
+        reason = "not an image file (expected PNG, JPEG, TIFF, BMP or DICOM)"
+    if reason is None:
+        return False
+    if skip_bad:
+        skipped.append({"path": str(path), "reason": reason})
+        return True
+    raise BadImageError(str(path), reason)
 
 
 def discover(inputs: list[str], stdin=None, skip_bad: bool = False) -> tuple[list[ImageRecord], list[dict]]:
@@ -105,7 +172,7 @@ def discover(inputs: list[str], stdin=None, skip_bad: bool = False) -> tuple[lis
     seen: set[str] = set()
     for item in expanded:
         p = Path(item).expanduser()
-        if not p.exists():
+        if not p.exists() and not p.is_symlink():
             raise GanprintError(f"{item}: no such file or folder; check the path")
         if p.is_dir():
             root = p.resolve()
@@ -113,11 +180,8 @@ def discover(inputs: list[str], stdin=None, skip_bad: bool = False) -> tuple[lis
             found = 0
             for f in files:
                 rel = f.relative_to(root).as_posix()
-                if f.suffix.lower() not in IMAGE_SUFFIXES and not _is_dicom_file(f):
-                    if skip_bad:
-                        skipped.append({"path": str(f), "reason": "not an image file"})
-                        continue
-                    raise BadImageError(str(f), "not an image file (expected PNG, JPEG, TIFF, BMP or DICOM)")
+                if _reject(f, skip_bad, skipped):
+                    continue
                 key = str(f.resolve())
                 if key in seen:
                     continue
@@ -127,12 +191,9 @@ def discover(inputs: list[str], stdin=None, skip_bad: bool = False) -> tuple[lis
             if found == 0:
                 raise GanprintError(f"{item}: folder holds no images; point to a folder with PNG, JPEG, TIFF, BMP or DICOM files")
         else:
+            if _reject(p, skip_bad, skipped):
+                continue
             f = p.resolve()
-            if f.suffix.lower() not in IMAGE_SUFFIXES and not _is_dicom_file(f):
-                if skip_bad:
-                    skipped.append({"path": str(f), "reason": "not an image file"})
-                    continue
-                raise BadImageError(str(f), "not an image file (expected PNG, JPEG, TIFF, BMP or DICOM)")
             if str(f) in seen:
                 continue
             seen.add(str(f))
@@ -200,11 +261,20 @@ def _decode_dicom(data: bytes, path: str) -> np.ndarray:
 
 
 def _decode_pil(data: bytes, path: str) -> np.ndarray:
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with warnings.catch_warnings():
+            # past PIL's pixel limit a file is refused before its pixels are allocated: a few
+            # bytes can claim 100000 x 100000 pixels (a decompression bomb)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImageError(path, f"claims more pixels than the decompression-bomb limit of "
+                                  f"{Image.MAX_IMAGE_PIXELS} ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(path, f"corrupt or truncated image ({exc})") from exc
     mode = img.mode

@@ -117,3 +117,110 @@ def test_dicom_monochrome1_inverted(dicom_files):
     raw = ds.pixel_array.astype(float)
     # inverted: correlation between raw values and output is negative
     assert np.corrcoef(raw[::8, ::8].ravel(), out[::8, ::8].ravel())[0, 1] < -0.5
+
+
+# --- hostile folders: nothing may hang, every bad entry gets a clear, skippable error ------------
+
+import contextlib
+import os
+import signal
+import struct
+import zlib
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging the suite) when the block runs longer than ``seconds``."""
+    def _timeout(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s (hang)")
+
+    old = signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def bomb_png() -> bytes:
+    """A tiny valid-looking PNG that claims 100000 x 100000 gray pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_symlink_loops_are_walked_once(png_folder):
+    os.symlink("..", png_folder / "up")           # loop 1: back to the parent
+    os.symlink(".", png_folder / "self")          # loop 2: to itself
+    (png_folder / "sub").mkdir()
+    os.symlink("../..", png_folder / "sub" / "top")
+    with deadline(20):
+        recs, skipped = discover([str(png_folder)])
+    assert sorted(r.image_id for r in recs) == [f"img_{i:02d}" for i in range(6)]
+    assert skipped == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "self_loop", "broken"])
+def test_special_files_named_png_are_refused_not_opened(png_folder, kind):
+    bad = png_folder / "evil.png"
+    if kind == "fifo":
+        os.mkfifo(bad)
+        why = "not a regular file (a FIFO"
+    elif kind == "dev_zero":
+        os.symlink("/dev/zero", bad)
+        why = "not a regular file (a device)"
+    elif kind == "self_loop":
+        os.symlink(bad.name, bad)
+        why = "symbolic link loop"
+    else:
+        os.symlink("nowhere.png", bad)
+        why = "broken symbolic link"
+    with deadline(20):
+        with pytest.raises(BadImageError) as ei:
+            discover([str(png_folder)])
+        assert why in str(ei.value) and "evil.png" in str(ei.value) and "not an image file" not in str(ei.value)
+        recs, skipped = discover([str(png_folder)], skip_bad=True)
+        assert len(recs) == 6 and [s["path"] for s in skipped] == [str(bad)] and why in skipped[0]["reason"]
+        with pytest.raises(BadImageError):  # named directly too
+            discover([str(bad)])
+        assert discover([str(bad), str(png_folder / "img_00.png")], skip_bad=True)[1][0]["reason"] == skipped[0]["reason"]
+
+
+def test_decompression_bomb_is_a_clear_bad_image():
+    data = bomb_png()
+    assert len(data) < 100
+    with deadline(20):
+        with pytest.raises(BadImageError) as ei:
+            decode_image(data, "bomb.png")
+    assert "bomb.png: claims more pixels than the decompression-bomb limit" in str(ei.value)
+    assert "--skip-bad" in str(ei.value)
+
+
+def test_embed_skips_the_bomb_and_survives_fifo_and_loops(png_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from ganprint.cli.main import app
+
+    (png_folder / "bomb.png").write_bytes(bomb_png())
+    os.mkfifo(png_folder / "pipe.png")
+    os.symlink("/dev/zero", png_folder / "zero.png")
+    os.symlink("..", png_folder / "up")
+    out = tmp_path / "e"
+    args = ["embed", str(png_folder), "--out", str(out), "--backbone", "test_resnet", "--image-size", "32",
+            "--workers", "0", "-q"]
+    runner = CliRunner()
+    with deadline(120):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert not list(tmp_path.glob("e.*")) and not list(tmp_path.glob(".e.*"))
+        r = runner.invoke(app, [*args, "--skip-bad", "--json"])
+    assert r.exit_code == 0, r.stderr
+    import json
+
+    res = json.loads(r.stdout)
+    assert res["rows"] == 6
+    reasons = " ".join(s["reason"] for s in res["skipped"])
+    assert "decompression-bomb" in reasons and "FIFO" in reasons and "device" in reasons
