@@ -19,6 +19,7 @@ what they know (backbone, weights digest, preprocessing, inputs' content hash, s
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -84,6 +85,17 @@ def ensure_writable(path: str | os.PathLike) -> None:
         raise ArtifactError(f"{folder}: output folder is not writable ({exc.strerror}); choose another --out") from exc
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a temp file (``mkstemp``: always 0600) the mode a plain ``open()`` would: 0666 & ~umask."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, what: str = "file", fix: str = "choose another path"):
     """Yield a temporary path next to ``path``; on success rename it onto ``path``, otherwise delete it.
@@ -96,6 +108,7 @@ def atomic_path(path: str | os.PathLike, what: str = "file", fix: str = "choose 
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
         os.close(fd)
         yield tmp
+        follow_umask(tmp)
         os.replace(tmp, p)
         tmp = None
     except OSError as exc:
@@ -106,6 +119,27 @@ def atomic_path(path: str | os.PathLike, what: str = "file", fix: str = "choose 
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with its write errors turned into ``OSError`` (errno and
+    text kept: ``No space left on device``) so every writer reports them like any other I/O error."""
+    import re
+
+    from safetensors.torch import save_file
+
+    try:
+        save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata is not None else None)
+    except OSError:
+        raise
+    except Exception as exc:  # SafetensorError("Error while serializing: I/O error: ... (os error 28)")
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        m = re.search(r"os error (\d+)|code:\s*(\d+)", str(exc))
+        if m:
+            code = int(m.group(1) or m.group(2))
+            raise OSError(code, os.strerror(code)) from exc
+        raise OSError(errno.EIO, f"safetensors could not write the file: {exc}") from exc
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -181,7 +215,6 @@ def write_artifact(
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
-    from safetensors.torch import save_file
 
     base = artifact_base(path)
     tpath, ppath = artifact_paths(base)
@@ -206,11 +239,13 @@ def write_artifact(
         fd, t_tmp = tempfile.mkstemp(prefix=f".{tpath.name}.", suffix=".tmp", dir=folder)
         os.close(fd)
         tmp_files.append(t_tmp)
-        save_file(tensors, t_tmp, metadata={META_KEY: prov_json})
+        save_safetensors(tensors, t_tmp, metadata={META_KEY: prov_json})
         fd, p_tmp = tempfile.mkstemp(prefix=f".{ppath.name}.", suffix=".tmp", dir=folder)
         os.close(fd)
         tmp_files.append(p_tmp)
         pq.write_table(arrow, p_tmp)
+        follow_umask(t_tmp)
+        follow_umask(p_tmp)
         # parquet first: a reader that finds the tensor file finds a matching table too
         os.replace(p_tmp, ppath)
         os.replace(t_tmp, tpath)

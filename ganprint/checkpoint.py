@@ -93,12 +93,12 @@ def load_optimizer_tensors(opt, tensors: Mapping[str, Any], meta: Mapping[str, A
 
 def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
     """Write atomically (temp file in the same folder, then rename)."""
-    from safetensors.torch import save_file
+    from ganprint.artifacts import save_safetensors
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(p, "checkpoint", "choose another --out") as tmp:
-        save_file(dict(tensors), tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)})
+        save_safetensors(tensors, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)})
     return p
 
 

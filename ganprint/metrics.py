@@ -310,6 +310,9 @@ def plot_scores(path, y_true, scores, result: dict[str, Any] | None = None, titl
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, format="png")
+        from ganprint.artifacts import follow_umask
+
+        follow_umask(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         raise GanprintError(f"{path}: cannot write the plot ({exc.strerror or exc}); choose another --plot") from exc

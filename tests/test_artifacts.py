@@ -71,3 +71,63 @@ def test_stdin_path(tmp_path):
         resolve_artifact_arg("-", io.StringIO(""))
     t, p = artifact_paths(base)
     assert t.exists() and p.exists()
+
+
+def _disk_full(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    # the text safetensors gives on a full disk (measured on a full tmpfs)
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _disk_full_oserror(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("writer", [_disk_full, _disk_full_oserror])
+def test_full_disk_on_safetensors_write_is_one_clean_error(tmp_path, monkeypatch, writer):
+    import safetensors.torch
+
+    from ganprint.checkpoint import save_checkpoint
+
+    monkeypatch.setattr(safetensors.torch, "save_file", writer)
+    with pytest.raises(ArtifactError) as ei:
+        write_artifact(tmp_path / "a", {"x": torch.zeros(3)}, pd.DataFrame({"i": [1, 2, 3]}), {"kind": "t"})
+    assert "No space left on device" in str(ei.value) and str(tmp_path / "a") in str(ei.value)
+    with pytest.raises(ArtifactError) as ei:
+        save_checkpoint(tmp_path / "c.safetensors", {"x": torch.zeros(3)}, {"kind": "checkpoint"})
+    assert "c.safetensors: cannot write checkpoint (No space left on device)" in str(ei.value)
+    assert list(tmp_path.iterdir()) == []  # no output, no temp file
+
+
+def test_full_disk_from_the_cli(png_folder, tmp_path, monkeypatch):
+    import safetensors.torch
+    from typer.testing import CliRunner
+
+    from ganprint.cli.main import app
+
+    monkeypatch.setattr(safetensors.torch, "save_file", _disk_full)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = CliRunner().invoke(app, ["embed", str(png_folder), "--out", str(out / "e"), "--backbone", "test_resnet",
+                                 "--image-size", "32", "--workers", "0", "-q"])
+    assert r.exit_code == 2, r.exception
+    assert r.stderr == f"Error: {out / 'e'}: cannot write artifact (No space left on device); choose another --out\n"
+    assert list(out.iterdir()) == []
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    from ganprint.artifacts import atomic_path
+
+    old = os.umask(0o027)
+    try:
+        base = write_artifact(tmp_path / "a", {"x": torch.zeros(3)}, pd.DataFrame({"i": [1, 2, 3]}), {"kind": "t"})
+        with atomic_path(tmp_path / "f.txt") as tmp:
+            open(tmp, "w").write("x")
+    finally:
+        os.umask(old)
+    for p in (tmp_path / "a.safetensors", tmp_path / "a.parquet", tmp_path / "f.txt"):
+        assert (p.stat().st_mode & 0o777) == 0o640, p
+    assert base == tmp_path / "a"

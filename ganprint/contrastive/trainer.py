@@ -465,8 +465,11 @@ class _Trainer:
             }
             save_checkpoint(path, tensors, meta)
             cfg_path = cfg.config_path
-            cfg_path.write_text(to_toml(cfg, header=f"resolved config of {path.name} (step {self.step}); "
-                                                    f"rerun: ganprint train --config {cfg_path}"), encoding="utf-8")
+            from ganprint.artifacts import atomic_path
+
+            with atomic_path(cfg_path, "the resolved config", "free space or choose another --out") as tmp:
+                Path(tmp).write_text(to_toml(cfg, header=f"resolved config of {path.name} (step {self.step}); "
+                                                         f"rerun: ganprint train --config {cfg_path}"), encoding="utf-8")
         barrier(ctx)
         if len(set(rank_digests)) != 1:
             raise GanprintError(f"{path}: the {ctx.world} processes hold different weights (digests differ); "
@@ -533,8 +536,12 @@ class _Trainer:
                 if not math.isfinite(st["loss"]):
                     raise GanprintError(f"loss became {st['loss']} at step {self.step}; lower lr or set grad_clip")
                 if ctx.is_main:
-                    with open(metrics_path, "a", encoding="utf-8") as fh:
-                        fh.write(json.dumps({"step": self.step, **st}) + "\n")
+                    try:
+                        with open(metrics_path, "a", encoding="utf-8") as fh:
+                            fh.write(json.dumps({"step": self.step, **st}) + "\n")
+                    except OSError as exc:
+                        raise GanprintError(f"{metrics_path}: cannot write ({exc.strerror or exc}); free space "
+                                            "or choose another --out, then rerun with --resume") from exc
                     if bar is not None:
                         bar.update(task, completed=self.step, loss=f"loss {st['loss']:.4f}",
                                    tau=f"tau {st['tau_mean']:.3f} [{st['tau_min']:.3f}-{st['tau_max']:.3f}]")

@@ -250,12 +250,12 @@ def weights_path(path: str | os.PathLike) -> Path:
 
 def save_moe(path: str | os.PathLike, model: MoEFusion, meta: Mapping[str, Any]) -> Path:
     """Write the state dict + metadata atomically; returns the path written."""
-    from safetensors.torch import save_file
+    from ganprint.artifacts import save_safetensors
 
     p = weights_path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(p, "fusion weights") as tmp:
-        save_file(state, tmp, metadata={META_KEY: json.dumps(dict(meta), sort_keys=True)})
+        save_safetensors(state, tmp, metadata={META_KEY: json.dumps(dict(meta), sort_keys=True)})
     return p
 
 
