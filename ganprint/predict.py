@@ -274,18 +274,33 @@ def run_predict(
     """predict + write the scores artifact ``out`` and the submission CSV (default ``OUT.csv``).
 
     The CSV is validated before anything is written."""
-    from ganprint.artifacts import artifact_base
-    from ganprint.submission import validate_submission, write_submission
+    from ganprint.artifacts import artifact_base, artifact_paths, ensure_writable
+    from ganprint.submission import check_submission_path, stage_submission
 
     t0 = time.perf_counter()
-    pred = predict(sim, attack, params, threshold=threshold, calibrate=calibrate, quantile=quantile,
-                   balanced=balanced)
+    # every output checked before any work; then written all or nothing
+    ensure_writable(out)
     csv_path = None
     if write_csv:
-        csv_path = Path(submission) if submission is not None else Path(str(artifact_base(out)) + ".csv")
-        validate_submission(pred.image_ids, pred.labels.tolist(), header=header, expected=pred.image_ids,
-                            source=str(csv_path))
-    base = write_scores(pred, out)
+        csv_path = check_submission_path(Path(submission) if submission is not None
+                                         else Path(str(artifact_base(out)) + ".csv"))
+    pred = predict(sim, attack, params, threshold=threshold, calibrate=calibrate, quantile=quantile,
+                   balanced=balanced)
+    staged = None
     if csv_path is not None:
-        write_submission(csv_path, pred.image_ids, pred.labels.tolist(), header=header, expected=pred.image_ids)
+        staged = stage_submission(csv_path, pred.image_ids, pred.labels.tolist(), header=header,
+                                  expected=pred.image_ids)
+    try:
+        base = write_scores(pred, out)
+    except BaseException:
+        if staged is not None:
+            staged.discard()
+        raise
+    if staged is not None:
+        try:
+            staged.commit()
+        except BaseException:
+            for f in artifact_paths(base):
+                f.unlink(missing_ok=True)
+            raise
     return PredictOutcome(base, csv_path, pred, time.perf_counter() - t0)

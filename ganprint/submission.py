@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ganprint.artifacts import atomic_path
 from ganprint.errors import GanprintError
 
 HEADER = "original_image,label"
@@ -103,19 +102,71 @@ def render_submission(ids: Sequence[str], labels: Sequence[int], header: bool = 
     return "\n".join(lines) + "\n"
 
 
+def check_submission_path(path: str | os.PathLike) -> Path:
+    """Fail before any work when the submission cannot be written at ``path``."""
+    from ganprint.artifacts import ensure_writable
+
+    path = Path(path)
+    if path.is_dir():
+        raise GanprintError(f"{path}: is a folder; pass a file name for --submission")
+    if not path.parent.is_dir():
+        raise GanprintError(f"{path.parent}: folder does not exist; create it or choose another --submission")
+    ensure_writable(path.parent / "probe")
+    return path
+
+
+class StagedSubmission:
+    """A validated submission written to a temp file next to ``path``; :meth:`commit` renames it
+    into place, :meth:`discard` deletes it (so a caller can write several outputs all or nothing)."""
+
+    def __init__(self, path: Path, tmp: str):
+        self.path, self.tmp = path, tmp
+
+    def commit(self) -> Path:
+        from ganprint.artifacts import follow_umask
+
+        try:
+            follow_umask(self.tmp)
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.discard()
+            raise GanprintError(f"{self.path}: cannot write the submission ({exc.strerror or exc}); "
+                                "choose another --submission") from exc
+        return self.path
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+
+def stage_submission(path: str | os.PathLike, ids: Sequence[str], labels: Sequence, *, header: bool = False,
+                     expected: Iterable[str] | None = None) -> StagedSubmission:
+    """Validate, then write to a temp file beside ``path`` (nothing at ``path`` yet)."""
+    import tempfile
+
+    path = Path(path)
+    labs = validate_submission(ids, labels, header=header, expected=expected, source=str(path))
+    check_submission_path(path)
+    text = render_submission([str(i) for i in ids], labs, header)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+    except OSError as exc:
+        if tmp is not None:
+            StagedSubmission(path, tmp).discard()
+        raise GanprintError(f"{path}: cannot write the submission ({exc.strerror or exc}); "
+                            "choose another --submission") from exc
+    return StagedSubmission(path, tmp)
+
+
 def write_submission(path: str | os.PathLike, ids: Sequence[str], labels: Sequence, *, header: bool = False,
                      expected: Iterable[str] | None = None) -> Path:
     """Validate, then write atomically (temp file + rename); returns the path."""
-    path = Path(path)
-    labs = validate_submission(ids, labels, header=header, expected=expected, source=str(path))
-    folder = path.parent
-    if not folder.is_dir():
-        raise GanprintError(f"{folder}: folder does not exist; create it or choose another --submission")
-    text = render_submission([str(i) for i in ids], labs, header)
-    with atomic_path(path, "the submission", "choose another --submission") as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-    return path
+    return stage_submission(path, ids, labels, header=header, expected=expected).commit()
 
 
 _HEADERS = (HEADER, "image_id,label", "id,label")

@@ -139,3 +139,57 @@ def test_same_inputs_same_outputs(tmp_path):
     b = run_predict(sim, tmp_path / "b", "domias", balanced=True)
     assert a.submission.read_bytes() == b.submission.read_bytes()
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def _outputs(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(("pred", ".pred")))
+
+
+def test_predict_is_all_or_nothing(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import ganprint.predict as P
+
+    sim = _sim(tmp_path)
+    calls = []
+    real_predict = P.predict
+    monkeypatch.setattr(P, "predict", lambda *a, **k: calls.append(1) or real_predict(*a, **k))
+    # the submission folder is missing: refused before any work, nothing written
+    with pytest.raises(GanprintError, match="folder does not exist"):
+        run_predict(sim, tmp_path / "pred", "max_sim", balanced=True, submission=tmp_path / "nope" / "s.csv")
+    assert calls == [] and _outputs(tmp_path) == []
+    # the disk fills while the CSV is written: no scores artifact either, no temp file
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: Full(real_fdopen(fd, *a, **k)))
+    with pytest.raises(GanprintError, match="No space left on device"):
+        run_predict(sim, tmp_path / "pred", "max_sim", balanced=True)
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    assert _outputs(tmp_path) == []
+    # and a full disk on the artifact leaves no CSV
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(GanprintError, match="No space left on device"):
+        run_predict(sim, tmp_path / "pred", "max_sim", balanced=True)
+    assert _outputs(tmp_path) == []
+    monkeypatch.undo()
+    run_predict(sim, tmp_path / "pred", "max_sim", balanced=True)
+    assert _outputs(tmp_path) == ["pred.csv", "pred.parquet", "pred.safetensors"]
