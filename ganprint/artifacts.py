@@ -142,6 +142,53 @@ def save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike, metada
         raise OSError(errno.EIO, f"safetensors could not write the file: {exc}") from exc
 
 
+def lock_path(path: str | os.PathLike) -> Path:
+    base = artifact_base(path)
+    return base.parent / f".{base.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, what: str = "--out"):
+    """Hold an exclusive lock on the output base ``path`` (file ``.X.lock`` beside it, removed
+    afterwards) so two runs never interleave their writes; a second writer gets an ArtifactError
+    at once instead of leaving a mismatched pair.  The kernel drops the lock if the process dies."""
+    import fcntl
+
+    lock = lock_path(path)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as exc:
+            raise ArtifactError(f"{lock}: cannot create the lock file ({exc.strerror}); choose another {what}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            except OSError:
+                holder = "?"
+            os.close(fd)
+            raise ArtifactError(f"{artifact_base(path)}: another ganprint process (pid {holder}) is writing this "
+                                f"output right now; wait for it to finish or choose another {what}") from None
+        try:  # the previous holder may have removed the file between our open and flock
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield lock
+    finally:
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -213,12 +260,10 @@ def write_artifact(
     """
     import pandas as pd
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
 
     base = artifact_base(path)
     tpath, ppath = artifact_paths(base)
-    folder = tpath.parent
     ensure_writable(base)
 
     tensors = {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)).contiguous().cpu()
@@ -236,20 +281,8 @@ def write_artifact(
 
     tmp_files: list[str] = []
     try:
-        fd, t_tmp = tempfile.mkstemp(prefix=f".{tpath.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        tmp_files.append(t_tmp)
-        save_safetensors(tensors, t_tmp, metadata={META_KEY: prov_json})
-        fd, p_tmp = tempfile.mkstemp(prefix=f".{ppath.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        tmp_files.append(p_tmp)
-        pq.write_table(arrow, p_tmp)
-        follow_umask(t_tmp)
-        follow_umask(p_tmp)
-        # parquet first: a reader that finds the tensor file finds a matching table too
-        os.replace(p_tmp, ppath)
-        os.replace(t_tmp, tpath)
-        tmp_files.clear()
+        with output_lock(base):
+            _write_pair(tpath, ppath, tensors, prov_json, arrow, tmp_files)
     except OSError as exc:
         raise ArtifactError(f"{base}: cannot write artifact ({exc.strerror or exc}); choose another --out") from exc
     finally:
@@ -259,6 +292,27 @@ def write_artifact(
             except OSError:
                 pass
     return base
+
+
+def _write_pair(tpath: Path, ppath: Path, tensors, prov_json: str, arrow, tmp_files: list[str]) -> None:
+    """Both files to temp names, then renamed; ``tmp_files`` lists what the caller must delete on failure."""
+    import pyarrow.parquet as pq
+
+    folder = tpath.parent
+    fd, t_tmp = tempfile.mkstemp(prefix=f".{tpath.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp_files.append(t_tmp)
+    save_safetensors(tensors, t_tmp, metadata={META_KEY: prov_json})
+    fd, p_tmp = tempfile.mkstemp(prefix=f".{ppath.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp_files.append(p_tmp)
+    pq.write_table(arrow, p_tmp)
+    follow_umask(t_tmp)
+    follow_umask(p_tmp)
+    # parquet first: a reader that finds the tensor file finds a matching table too
+    os.replace(p_tmp, ppath)
+    os.replace(t_tmp, tpath)
+    tmp_files.clear()
 
 
 def read_provenance(path: str | os.PathLike) -> dict[str, Any]:

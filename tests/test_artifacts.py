@@ -131,3 +131,43 @@ def test_outputs_follow_the_umask(tmp_path):
     for p in (tmp_path / "a.safetensors", tmp_path / "a.parquet", tmp_path / "f.txt"):
         assert (p.stat().st_mode & 0o777) == 0o640, p
     assert base == tmp_path / "a"
+
+
+def test_second_writer_gets_a_clear_error_and_nothing_is_mixed(tmp_path):
+    from ganprint.artifacts import lock_path, output_lock
+
+    base = tmp_path / "a"
+    with output_lock(base):
+        with pytest.raises(ArtifactError) as ei:
+            _write(base)
+        assert f"another ganprint process (pid {os.getpid()}) is writing this output" in str(ei.value)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lock"]
+    assert not lock_path(base).exists()
+    _write(base)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "a.safetensors"]
+
+
+def _hammer(args):
+    base, seed, n = args
+    outcomes = []
+    for k in range(n):
+        try:
+            _write(base, n=64, seed=seed * 1000 + k)
+            outcomes.append("ok")
+        except ArtifactError as exc:
+            assert "another ganprint process" in str(exc), str(exc)
+            outcomes.append("busy")
+    return outcomes
+
+
+def test_concurrent_writers_never_leave_a_mismatched_pair(tmp_path):
+    import multiprocessing as mp
+
+    base = tmp_path / "a"
+    ctx = mp.get_context("fork")
+    with ctx.Pool(4) as pool:
+        outcomes = sum(pool.map(_hammer, [(base, s, 25) for s in range(4)]), [])
+    assert "ok" in outcomes
+    art = read_artifact(base)  # tensors and table of the same write
+    assert art.table["image_id"].tolist() == [f"i{k}" for k in range(64)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "a.safetensors"]
