@@ -252,12 +252,28 @@ def load_truth(arg) -> tuple[list[str], Any, str]:
     return ids, lab[keep].astype(np.int64), src
 
 
+def _refuse_duplicates(ids, source: str) -> None:
+    """Ids must be unique once compared as scoring compares them (without image extensions)."""
+    from ganprint.submission import strip_extension
+
+    first: dict[str, str] = {}
+    for i in ids:
+        key = strip_extension(str(i))
+        if key in first:
+            same = first[key] == str(i)
+            what = f"image id {str(i)!r} appears twice" if same else \
+                f"image ids {first[key]!r} and {str(i)!r} both name the image {key!r}"
+            raise GanprintError(f"{source}: {what}; each image must be scored once")
+        first[key] = str(i)
+
+
 def match_truth(pred_ids, truth_ids, truth_labels, pred_source: str, truth_source: str):
     """int64 [n] truth label of each prediction (ids compared without image extensions)."""
     import numpy as np
 
     from ganprint.submission import strip_extension
 
+    _refuse_duplicates(truth_ids, truth_source)
     table = {strip_extension(i): int(v) for i, v in zip(truth_ids, truth_labels)}
     keys = [strip_extension(i) for i in pred_ids]
     missing = [i for i in keys if i not in table]
@@ -327,9 +343,17 @@ def run_score(predictions, truth=None, *, bootstrap: int = 1000, seed: int = 0, 
     """Evaluate ``predictions`` (CSV or scores artifact) against ``truth`` (CSV or labelled
     artifact; None: the labels stored in the scores artifact).  Returns :func:`evaluate`'s dict
     plus ``predictions``, ``truth`` and, for scores artifacts, ``attack`` and ``rule``."""
+    import math
+
     import numpy as np
 
+    if not (isinstance(max_fpr, (int, float)) and math.isfinite(max_fpr) and 0 < max_fpr < 1):
+        raise GanprintError(f"--max-fpr {max_fpr}: must be a false-positive rate strictly between 0 and 1 "
+                            "(e.g. 0.01)")
+    if bootstrap < 0:
+        raise GanprintError(f"--bootstrap {bootstrap}: must be 0 (no CIs) or a positive number of resamples")
     pred = load_predictions(predictions, header=header)
+    _refuse_duplicates(pred["ids"], pred["source"])
     if truth is None:
         if pred["truth"] is None or not np.isfinite(pred["truth"]).all():
             raise GanprintError(f"{pred['source']}: no truth labels stored for every image; pass --truth "

@@ -146,3 +146,42 @@ def test_plot_writes_png(tmp_path):
     plot_scores(out, y, s, {"auc": 0.7}, title="t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["roc.png"]
+
+
+def _scores_artifact(base, ids, labels, truth=None):
+    import pandas as pd
+    import torch
+
+    from ganprint.artifacts import base_provenance, write_artifact
+
+    t = pd.DataFrame({"image_id": ids, "score": np.linspace(0, 1, len(ids)), "label_pred": np.asarray(labels, np.int8)})
+    if truth is not None:
+        t["label"] = pd.array(truth, dtype="Int8")
+    return write_artifact(base, {"scores": torch.as_tensor(t["score"].to_numpy(), dtype=torch.float32)}, t,
+                          base_provenance("scores", "predict", rows=len(ids)))
+
+
+def test_score_refuses_duplicate_ids_after_normalisation(tmp_path):
+    truth = _write(tmp_path / "truth.csv", "a,1\nb,0\nc,1\nd,0\ne,1\nx,1\n")
+    # the seed's header variant: x.png and x.PNG are the same image once the extension is dropped
+    pred = _write(tmp_path / "p.csv", "original_image,label\na.png,1\nb.png,0\nc.png,1\nd.png,0\ne.png,1\n"
+                                      "x.png,1\nx.PNG,0\n")
+    with pytest.raises(GanprintError, match="image ids 'x.png' and 'x.PNG' both name the image 'x'"):
+        run_score(pred, truth, bootstrap=0, header=True)
+    # a scores artifact with a repeated id: 6 rows for 5 images
+    ids = ["a", "b", "c", "d", "e", "a"]
+    art = _scores_artifact(tmp_path / "s", ids, [1, 0, 1, 0, 1, 1], truth=[1, 0, 1, 0, 1, 1])
+    with pytest.raises(GanprintError, match="image id 'a' appears twice"):
+        run_score(art, truth, bootstrap=0)
+    with pytest.raises(GanprintError, match="image id 'a' appears twice"):
+        run_score(art, None, bootstrap=0)
+    dup_truth = _write(tmp_path / "t2.csv", "original_image,label\na.png,1\na.PNG,1\n")
+    with pytest.raises(GanprintError, match="both name the image"):
+        run_score(_write(tmp_path / "p2.csv", "a,1\n"), dup_truth, bootstrap=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 2.0, 0.0, -0.1, 1.0])
+def test_score_max_fpr_must_be_a_rate(tmp_path, bad):
+    pred = _write(tmp_path / "p.csv", "a,1\nb,0\n")
+    with pytest.raises(GanprintError, match="--max-fpr"):
+        run_score(pred, pred, bootstrap=0, max_fpr=bad)
