@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -238,6 +239,15 @@ def validate(cfg: TrainConfig, source: str = "config") -> TrainConfig:
     for key, choices in CHOICES.items():
         if getattr(cfg, key) not in choices:
             raise bad(key, f"is not one of {', '.join(choices)}")
+    for key, typ in FIELD_TYPES.items():  # nan passes every comparison below, inf breaks the schedule
+        if typ is float and getattr(cfg, key) is not None and not math.isfinite(getattr(cfg, key)):
+            raise bad(key, "must be a finite number")
+    from ganprint.backbones import backbone_names  # names only: no torch import
+
+    if cfg.backbone not in backbone_names():
+        close = difflib.get_close_matches(cfg.backbone, backbone_names(), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "see `ganprint info --backbones`"
+        raise bad("backbone", f"is not a known backbone; {hint}")
     positive = ("proj_dim", "proj_layers", "batch_size", "key_chunk")
     for key in positive:
         if getattr(cfg, key) < 1:
@@ -295,7 +305,14 @@ def read_toml(name_or_path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     """Keys of a config file (or packaged preset) -> (flat mapping, source label)."""
     p = Path(name_or_path).expanduser()
     if p.is_file():
-        text, source = p.read_text(encoding="utf-8"), str(p)
+        source = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise GanprintError(f"{source}: is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                "save the config as UTF-8 TOML") from None
+        except OSError as exc:
+            raise GanprintError(f"{source}: cannot read ({exc.strerror}); check the path") from None
     elif str(name_or_path) in preset_names():
         from importlib.resources import files
 

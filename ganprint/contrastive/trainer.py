@@ -579,6 +579,7 @@ def run_training(config: "TrainConfig | Mapping[str, Any] | str | os.PathLike", 
     out = Path(cfg.out)
     _check_inputs(cfg)  # before anything is created
     ctx = init_distributed(cfg.device)
+    created = not out.exists()
     try:
         if ctx.is_main:
             try:
@@ -591,6 +592,16 @@ def run_training(config: "TrainConfig | Mapping[str, Any] | str | os.PathLike", 
         trainer = _Trainer(cfg, ctx, resume, progress, log)
         trainer.setup()
         return trainer.run()
+    except BaseException:
+        # a run that fails before its first checkpoint leaves no folder it created behind
+        if ctx.is_main and created and out.is_dir() and not cfg.checkpoint_path.exists():
+            for f in out.iterdir():
+                if f.name != "metrics.jsonl":
+                    break
+            else:
+                (out / "metrics.jsonl").unlink(missing_ok=True)
+                out.rmdir()
+        raise
     finally:
         shutdown(ctx)
 

@@ -132,3 +132,35 @@ def test_train_without_data_fails_fast(tmp_path):
     res = run("train", tmp_path / "missing", "--out", tmp_path / "o", "-q")
     assert res.exit_code == 2 and "no such folder" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("lr = nan\n", "lr = nan must be a finite number"),
+    ("lr = inf\n", "lr = inf must be a finite number"),
+    ("epochs = inf\n", "epochs = inf must be a finite number"),
+    ("epochs = nan\n", "epochs = nan must be a finite number"),
+    ("grad_clip = nan\n", "grad_clip = nan must be a finite number"),
+    ("weight_decay = nan\n", "weight_decay = nan must be a finite number"),
+    ("momentum = -inf\n", "momentum = -inf must be a finite number"),
+    ("backbone = \"resnet5O\"\n", "backbone = 'resnet5O' is not a known backbone"),
+    (b"# caf\xe9\nlr = 0.1\n", "is not UTF-8 text"),
+])
+def test_bad_config_values_are_one_line_errors_naming_the_file(tmp_path, text, needle):
+    from conftest import make_imageclef
+
+    data = make_imageclef(tmp_path / "dev", (("generated", 2), ("real_used", 2)), size=16)
+    cfg = tmp_path / "bad.toml"
+    cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
+    res = run("train", data, "--config", cfg, "--out", tmp_path / "o", "-q")
+    assert res.exit_code == 2, (res.exit_code, res.stderr, res.exception)
+    assert res.stderr.startswith(f"Error: {cfg}: ") and needle in res.stderr and res.stderr.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_failed_setup_leaves_no_output_folder(tmp_path):
+    from conftest import make_imageclef
+
+    data = make_imageclef(tmp_path / "dev", (("real_used", 2),), size=16)  # no generated images
+    res = run("train", data, "--out", tmp_path / "o", *TINY, "-q")
+    assert res.exit_code == 2 and res.stderr.startswith("Error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert not (tmp_path / "o").exists()
