@@ -246,6 +246,16 @@ def _tensor_digest(tensors: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
+DIGEST_SCHEME = 2  # 2: pair_id covers the tensors *and* the provenance (1: tensors only)
+
+
+def _pair_digest(tensors: Mapping[str, Any], prov: Mapping[str, Any]) -> str:
+    """sha256 over the tensors and the provenance (less ``pair_id`` itself): editing either, e.g.
+    the embeddings paths a similarity artifact records, makes the artifact unreadable."""
+    rest = {k: v for k, v in prov.items() if k != "pair_id"}
+    return digest_json({"tensors": _tensor_digest(tensors), "provenance": rest})
+
+
 def write_artifact(
     path: str | os.PathLike,
     tensors: Mapping[str, Any],
@@ -268,8 +278,9 @@ def write_artifact(
 
     tensors = {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)).contiguous().cpu()
                for k, v in tensors.items()}
-    prov = dict(provenance)
-    prov["pair_id"] = _tensor_digest(tensors)
+    prov = json.loads(json.dumps(dict(provenance), sort_keys=True, default=str))  # as a reader will see it
+    prov["digest_scheme"] = DIGEST_SCHEME
+    prov["pair_id"] = _pair_digest(tensors, prov)
     prov_json = json.dumps(prov, sort_keys=True)
     if table is None:
         table = pd.DataFrame()
@@ -348,8 +359,12 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None, with_table: 
         tensors = load_file(str(tpath))
     except Exception as exc:
         raise ArtifactError(f"{tpath}: cannot read tensors ({exc}); re-run the stage that wrote it") from exc
-    if _tensor_digest(tensors) != prov.get("pair_id"):
-        raise ArtifactError(f"{tpath}: tensor data does not match its provenance (corrupt?); re-run the stage")
+    if _pair_digest(tensors, prov) != prov.get("pair_id"):
+        if prov.get("digest_scheme") is None and _tensor_digest(tensors) == prov.get("pair_id"):
+            raise ArtifactError(f"{tpath}: written by an older ganprint whose digest does not cover the provenance; "
+                                "re-run the stage that wrote it")
+        raise ArtifactError(f"{tpath}: tensor data or provenance does not match its digest (corrupt or edited?); "
+                            "re-run the stage")
     table = None
     table_meta: dict[str, Any] = {}
     if with_table:

@@ -199,7 +199,13 @@ def _load_rows(info: Mapping[str, Any] | None, rows, src: str, role: str):
     art = read_artifact(path, kind="embeddings", with_table=False)
     if art.provenance.get("pair_id") != info.get("pair_id"):
         raise ArtifactError(f"{path}.safetensors: changed since {src} was computed; re-run `ganprint simmatrix`")
-    return art.tensor("embeddings")[rows]
+    emb = art.tensor("embeddings")
+    n = int(rows.numel()) if hasattr(rows, "numel") else len(rows)
+    if emb.ndim != 2 or (info.get("dim") is not None and emb.shape[1] != info["dim"]) or \
+            (n and (int(rows.max()) >= emb.shape[0] or int(rows.min()) < 0)):
+        raise ArtifactError(f"{path}.safetensors: {role} embeddings of shape {list(emb.shape)} do not fit {src} "
+                            f"({n} rows, dim {info.get('dim')}); re-run `ganprint simmatrix`")
+    return emb[rows]
 
 
 # ---------------------------------------------------------------------------------------------

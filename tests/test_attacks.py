@@ -226,3 +226,20 @@ def test_context_from_artifact_loads_embeddings_lazily(tmp_path):
     ctx2 = AttackContext.from_artifact(read_artifact(sim))
     with pytest.raises(GanprintError, match="changed since"):
         run_attack("domias", ctx2)
+
+
+def test_loaded_embeddings_must_fit_the_rows_recorded(tmp_path):
+    import torch
+    from test_similarity import make_emb
+
+    from ganprint.artifacts import read_provenance
+    from ganprint.attacks import _load_rows
+    from ganprint.errors import ArtifactError
+
+    small = make_emb(tmp_path / "small", np.zeros((3, 4)), ["generated"] * 3)
+    info = {"path": str(small), "pair_id": read_provenance(small)["pair_id"], "dim": 4}
+    assert _load_rows(info, torch.tensor([0, 2]), "sim.safetensors", "generated").shape == (2, 4)
+    with pytest.raises(ArtifactError, match=r"shape \[3, 4\] do not fit sim.safetensors"):
+        _load_rows(info, torch.tensor([0, 7]), "sim.safetensors", "generated")
+    with pytest.raises(ArtifactError, match="do not fit"):
+        _load_rows({**info, "dim": 8}, torch.tensor([0]), "sim.safetensors", "generated")

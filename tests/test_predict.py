@@ -193,3 +193,45 @@ def test_predict_is_all_or_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     run_predict(sim, tmp_path / "pred", "max_sim", balanced=True)
     assert _outputs(tmp_path) == ["pred.csv", "pred.parquet", "pred.safetensors"]
+
+
+def _edit_provenance(base, edit):
+    """Rewrite an artifact's provenance in both files, keeping its tensors and pair_id (an edit by hand)."""
+    import json
+
+    import pyarrow.parquet as pq
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tpath, ppath = str(base) + ".safetensors", str(base) + ".parquet"
+    with safe_open(tpath, framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        prov = json.loads(fh.metadata()["ganprint"])
+    edit(prov)
+    save_file(tensors, tpath, metadata={"ganprint": json.dumps(prov, sort_keys=True)})
+    t = pq.read_table(ppath)
+    meta = dict(t.schema.metadata)
+    meta[b"ganprint"] = json.dumps(prov, sort_keys=True).encode()
+    pq.write_table(t.replace_schema_metadata(meta), ppath)
+
+
+@pytest.mark.parametrize("which", ["other", "smaller"])
+def test_edited_provenance_cannot_redirect_the_embeddings(tmp_path, which):
+    from ganprint.artifacts import read_provenance
+
+    sim = _sim(tmp_path, "dev")
+    rng = np.random.default_rng(9)
+    n = 40 if which == "other" else 12
+    other = make_emb(tmp_path / "other_emb", rng.normal(size=(n, 6)), (SUBSETS if n == 40 else ["generated"] * 12))
+    oprov = read_provenance(other)
+
+    def redirect(prov):
+        for role in ("generated", "real"):
+            prov[role]["path"] = str(other)
+            prov[role]["pair_id"] = oprov["pair_id"]
+
+    before = run_predict(sim, tmp_path / "a", "domias", balanced=True).prediction.labels.tolist()
+    _edit_provenance(sim, redirect)
+    with pytest.raises(ArtifactError, match="corrupt or edited"):
+        run_predict(sim, tmp_path / "b", "domias", balanced=True)
+    assert before and not list(tmp_path.glob("b.*"))
