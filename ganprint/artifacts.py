@@ -96,13 +96,44 @@ def follow_umask(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
+def remove_stale_temps(path: str | os.PathLike) -> list[str]:
+    """Delete the temp files (``.NAME.XXXXXXXX.tmp``, as ``mkstemp`` names them) that a killed
+    writer of ``path`` left behind.  Call only while holding :func:`output_lock` on ``path``."""
+    import re
+
+    p = Path(path)
+    pattern = re.compile(re.escape(f".{p.name}.") + r"[a-z0-9_]{8}\.tmp")
+    removed = []
+    try:
+        names = os.listdir(p.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if pattern.fullmatch(name):
+            try:
+                os.unlink(p.parent / name)
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, what: str = "file", fix: str = "choose another path"):
     """Yield a temporary path next to ``path``; on success rename it onto ``path``, otherwise delete it.
 
     ``with atomic_path(p, "checkpoint", "choose another --out") as tmp: save_file(..., tmp)`` leaves
-    either the complete new file or nothing; an OSError becomes a one-line ArtifactError."""
+    either the complete new file or nothing; an OSError becomes a one-line ArtifactError.  The
+    write holds :func:`output_lock` on ``path`` and first removes temp files of killed writers."""
     p = Path(path)
+    with output_lock(p, "path"):
+        remove_stale_temps(p)
+        with _atomic_path(p, what, fix) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_path(p: Path, what: str, fix: str):
     tmp: str | None = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
@@ -293,6 +324,8 @@ def write_artifact(
     tmp_files: list[str] = []
     try:
         with output_lock(base):
+            remove_stale_temps(tpath)
+            remove_stale_temps(ppath)
             _write_pair(tpath, ppath, tensors, prov_json, arrow, tmp_files)
     except OSError as exc:
         raise ArtifactError(f"{base}: cannot write artifact ({exc.strerror or exc}); choose another --out") from exc

@@ -134,6 +134,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     return tensors, meta
 
 
+def verify_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, metadata) after checking the online encoder's weights against the recorded ``digest``."""
+    tensors, meta = read_checkpoint(path)
+    if meta.get("digest") and tensors_digest(unprefixed(tensors, "online.")) != meta["digest"]:
+        raise GanprintError(f"{path}: weights do not match the digest recorded at training (damaged file?); re-run train")
+    return tensors, meta
+
+
 def checkpoint_load_args(path: str | os.PathLike, backbone: str, weights: str | None,
                          image_size: int | None) -> tuple[str | None, int | None]:
     """Defaults for loading the backbone a checkpoint goes into: its weights are replaced by the

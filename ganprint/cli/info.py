@@ -33,23 +33,48 @@ def info(
             t.add_row(r["name"], str(r["dim"]), str(r["input_size"]), r["default_weights"], r["description"])
         console.print(t)
         return
-    from ganprint.artifacts import read_artifact, resolve_artifact_arg
+    from ganprint.artifacts import read_artifact, read_provenance, resolve_artifact_arg
 
-    art = read_artifact(resolve_artifact_arg(artifact))
-    tensors = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in art.tensors.items()}
-    columns = [] if art.table is None else list(art.table.columns)
+    base = resolve_artifact_arg(artifact)
+    kind = read_provenance(base).get("kind")
+    if kind in SINGLE_FILE_KINDS:  # one safetensors file with its own integrity digest, no table
+        name, tensor_map, prov = SINGLE_FILE_KINDS[kind](f"{base}.safetensors")
+        table, table_meta = None, {}
+    else:
+        art = read_artifact(base)
+        name, tensor_map, prov, table, table_meta = str(art.base), art.tensors, art.provenance, art.table, art.table_meta
+    tensors = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensor_map.items()}
+    columns = [] if table is None else list(table.columns)
     if as_json:
-        print_json({"artifact": str(art.base), "provenance": art.provenance, "tensors": tensors,
-                    "table": {"rows": 0 if art.table is None else len(art.table), "columns": columns},
-                    "table_meta": art.table_meta})
+        print_json({"artifact": name, "provenance": prov, "tensors": tensors,
+                    "table": {"rows": 0 if table is None else len(table), "columns": columns},
+                    "table_meta": table_meta})
         return
-    t = Table("key", "value", title=str(art.base))
-    for k, v in sorted(art.provenance.items()):
+    t = Table("key", "value", title=name)
+    for k, v in sorted(prov.items()):
         t.add_row(k, str(v))
     for k, v in tensors.items():
         t.add_row(f"tensor {k}", f"{v['dtype']} {v['shape']}")
-    t.add_row("table", f"{0 if art.table is None else len(art.table)} rows: {', '.join(columns)}")
+    t.add_row("table", f"{0 if table is None else len(table)} rows: {', '.join(columns)}")
     console.print(t)
+
+
+def _checkpoint(path: str):
+    from ganprint.checkpoint import verify_checkpoint
+
+    tensors, meta = verify_checkpoint(path)
+    return path, tensors, meta
+
+
+def _moe_weights(path: str):
+    from ganprint.fusion.moe import load_moe
+
+    model, meta = load_moe(path)  # checks the recorded digest
+    return path, model.state_dict(), meta
+
+
+# kinds stored as one safetensors file (no parquet table) -> reader that checks its digest
+SINGLE_FILE_KINDS = {"checkpoint": _checkpoint, "moe_weights": _moe_weights}
 
 
 def register(app: typer.Typer) -> None:

@@ -520,6 +520,8 @@ class _Trainer:
                      f" of {plan.max_steps}")
             if not self.resume and metrics_path.exists():
                 metrics_path.unlink()
+            elif self.resume and metrics_path.exists():
+                _cut_metrics(metrics_path, self.step)  # steps logged after the checkpoint are redone
         bar = None
         if self.progress and ctx.is_main:
             from ganprint.progress import make_progress
@@ -553,6 +555,23 @@ class _Trainer:
         path = self.save()
         return TrainResult(path, cfg.config_path, self.step, plan.max_steps, time.perf_counter() - t0, losses, taus,
                            self.resumed_from, ctx.world, model_digest(self.encoder), plan.notes)
+
+
+def _cut_metrics(path: Path, step: int) -> None:
+    """Keep the ``metrics.jsonl`` lines of steps <= ``step`` (a killed run logged steps its last
+    checkpoint does not hold; a resume redoes them).  A torn last line is dropped too."""
+    from ganprint.artifacts import atomic_path
+
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line)
+    with atomic_path(path, "metrics.jsonl", "free space or choose another --out") as tmp:
+        Path(tmp).write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
 
 
 def _check_inputs(cfg: TrainConfig) -> None:

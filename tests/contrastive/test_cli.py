@@ -164,3 +164,24 @@ def test_failed_setup_leaves_no_output_folder(tmp_path):
     res = run("train", data, "--out", tmp_path / "o", *TINY, "-q")
     assert res.exit_code == 2 and res.stderr.startswith("Error: ") and res.stderr.count("\n") == 1, res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_info_reads_a_valid_checkpoint_and_refuses_a_damaged_one(trained, tmp_path):
+    _, ckpt = trained
+    res = run("info", ckpt, "--json")
+    assert res.exit_code == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["provenance"]["kind"] == "checkpoint" and info["tensors"]["state.step"]["shape"] == []
+    # damage one weight (same size, valid safetensors): the recorded digest catches it
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(ckpt))
+    name = next(k for k in sorted(tensors) if k.startswith("online.") and tensors[k].is_floating_point())
+    tensors[name] = tensors[name] + 1
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    res = run("info", bad)
+    assert res.exit_code == 2 and "do not match the digest" in res.stderr and res.stderr.count("\n") == 1

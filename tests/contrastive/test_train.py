@@ -119,3 +119,26 @@ def test_pool_overlap_masks_queue_negatives(dev, tmp_path, monkeypatch):
     run_training(cfg(dev, tmp_path / "m", max_steps=1, mask_pool_overlap=True))
     (q_on, ex_on), = masks
     assert not q_on.any() and ex_on.all()  # (without the option the queue counts: see the spy test above)
+
+
+def test_resume_after_a_kill_cuts_metrics_back_and_cleans_temp_files(dev, straight, tmp_path):
+    import json
+
+    out = tmp_path / "k"
+    run_training(cfg(dev, out, stop_at_step=2))
+    metrics = out / "metrics.jsonl"
+    # what a kill -9 at step 4 leaves: steps 3-4 logged past the step-2 checkpoint, a torn line,
+    # and the temp files of a checkpoint / config write it interrupted
+    with open(metrics, "a") as fh:
+        fh.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + json.dumps({"step": 4, "loss": 9.0}) + "\n{\"st")
+    stale = [out / ".checkpoint.safetensors.ab12cd34.tmp", out / ".config.toml.x_9y8z7w.tmp"]
+    for f in stale:
+        f.write_bytes(b"partial")
+    keep = out / ".checkpoint.safetensors.notmine.tmp"  # not a name our writer makes: left alone
+    keep.write_bytes(b"x")
+    run_training(cfg(dev, out), resume=True)
+    steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert metrics.read_text() == (straight.checkpoint.parent / "metrics.jsonl").read_text()
+    assert not any(f.exists() for f in stale) and keep.exists()
+    assert not list(out.glob(".*.lock"))
