@@ -286,6 +286,8 @@ def parse_params(name: str, items: list[str] | None) -> dict[str, Any]:
                 out[key] = int(raw)
             elif isinstance(default, float):
                 out[key] = float(raw)
+                if not math.isfinite(out[key]):
+                    raise GanprintError(f"--param {key}={raw}: must be a finite number")
             else:
                 out[key] = raw
         except ValueError:
@@ -309,6 +311,8 @@ def run_attack(name: str, ctx: AttackContext, params: Mapping[str, Any] | None =
 
     spec = get_attack(name)
     full = resolved_params(name, params)
+    if np.isnan(ctx.real_topk()[0]).any():  # NaN similarities would be ranked as if they were numbers
+        raise GanprintError(f"{ctx.source}: holds NaN similarities; re-run `ganprint simmatrix` on finite embeddings")
     scores = np.asarray(spec.fn(ctx, **full), dtype=np.float64)
     if scores.shape != (ctx.n_real,):
         raise RuntimeError(f"attack {name!r} returned shape {scores.shape}, expected ({ctx.n_real},)")
@@ -388,6 +392,8 @@ def dist_ratio(ctx: AttackContext, n: int = 5, eps: float = 1e-12):
     """Carlini et al. 2023: -d(x, nearest g) / mean_{r in n nearest reals} d(x, r); the reals are
     the reference set (or the other real images), n at most their number."""
     _check_k(ctx, n, "n")
+    if not (math.isfinite(eps) and eps > 0):
+        raise GanprintError(f"--param eps={eps}: must be a small positive number (it keeps the ratio finite)")
     rv, _ = ctx.realref_topk()
     n_avail = (ctx.n_ref if ctx.has_reference else ctx.n_real - 1)
     if n > rv.shape[1] and rv.shape[1] < n_avail:

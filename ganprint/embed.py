@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,6 +98,7 @@ class EmbedOutcome:
     seconds: float
     images_per_s: float
     provenance: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
 
 
 def extract_features(
@@ -269,4 +270,20 @@ def run_embed(
     prov["dim"] = int(feats.shape[1])
     base = write_artifact(out, {"embeddings": feats.contiguous()}, table, prov, table_meta={"skipped": skipped})
     return EmbedOutcome(base, False, len(kept), int(feats.shape[1]), skipped, time.perf_counter() - t0,
-                        len(records) / elapsed if elapsed > 0 else 0.0, prov)
+                        len(records) / elapsed if elapsed > 0 else 0.0, prov, _embedding_warnings(feats, table))
+
+
+def _embedding_warnings(feats, table) -> list[str]:
+    """Rows a similarity cannot use well: all-zero vectors (cosine undefined) and tiny images."""
+    out = []
+    zero = (feats.abs().amax(dim=1) == 0).nonzero().flatten().tolist() if len(feats) else []
+    if zero:
+        eg = table.iloc[zero[0]]
+        out.append(f"{len(zero)} image(s) embed to an all-zero vector (e.g. {eg['path']}, {eg['width']}x{eg['height']} px); "
+                   "their similarities carry no information: check or drop them")
+    tiny = table.index[(table["width"] < 8) | (table["height"] < 8)].tolist()
+    if tiny:
+        eg = table.iloc[tiny[0]]
+        out.append(f"{len(tiny)} image(s) are smaller than 8 px on a side (e.g. {eg['path']}, "
+                   f"{eg['width']}x{eg['height']} px) and were upsampled to the backbone's input size")
+    return out

@@ -113,6 +113,10 @@ def _prepare(x, metric: str):
         raise GanprintError(f"embeddings must be a 2-d tensor [N, D], got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise GanprintError("embeddings contain NaN or infinite values; re-run `ganprint embed` (corrupt artifact?)")
+    if metric == "l2" and x.numel() and float(x.double().pow(2).sum(1).max()) > 1e37:
+        # |a|^2 + |b|^2 - 2ab overflows float32 (max 3.4e38): distances would be inf - inf = NaN
+        raise GanprintError("embeddings too large for --metric l2 (squared norms overflow float32); "
+                            "use --metric cosine or rescale the embeddings")
     if metric == "cosine":
         x = torch.nn.functional.normalize(x, dim=1)
     return x.contiguous()

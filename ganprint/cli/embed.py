@@ -38,6 +38,8 @@ def embed(
     )
     for s in res.skipped:
         log(f"[yellow]warning[/yellow]: skipped {s['path']}: {s['reason']}")
+    for w in res.warnings:
+        log(f"[yellow]warning[/yellow]: {w}")
     if res.reused:
         log(f"reused {res.base} (same inputs, backbone and weights; --force recomputes)")
     elif not quiet:
