@@ -40,7 +40,7 @@ def short(value: Any) -> str:
 def read_experts(paths: Sequence[str | os.PathLike]) -> list[Artifact]:
     """Read K >= 2 embeddings artifacts and check that their rows describe the same images."""
     if len(paths) < 2:
-        raise GanprintError(f"fuse --method moe needs at least 2 embeddings artifacts, got {len(paths)}; "
+        raise GanprintError(f"fuse moe needs at least 2 embeddings artifacts, got {len(paths)}; "
                             "pass one artifact per backbone (expert)")
     arts = [read_artifact(p, kind="embeddings") for p in paths]
     for art in arts:

@@ -268,20 +268,20 @@ def load_moe(path: str | os.PathLike) -> tuple[MoEFusion, dict[str, Any]]:
     if not p.exists() and weights_path(p).exists():
         p = weights_path(p)
     if not p.exists():
-        raise ArtifactError(f"{p}: fusion weights not found; train them with `ganprint fuse --method moe ... "
+        raise ArtifactError(f"{p}: fusion weights not found; train them with `ganprint fuse moe ... "
                             "--weights PATH` or check the path")
     try:
         with safe_open(str(p), framework="pt") as fh:
             raw = (fh.metadata() or {}).get(META_KEY)
         state = load_file(str(p))
     except Exception as exc:  # safetensors raises its own error types
-        raise ArtifactError(f"{p}: not a valid safetensors file ({exc}); re-run fuse --method moe") from exc
+        raise ArtifactError(f"{p}: not a valid safetensors file ({exc}); re-run fuse moe") from exc
     meta = json.loads(raw) if raw else {}
     if meta.get("kind") != WEIGHTS_KIND:
         raise ArtifactError(f"{p}: not fusion weights (kind {meta.get('kind')!r}); pass the --weights file written "
-                            "by `ganprint fuse --method moe`")
+                            "by `ganprint fuse moe`")
     if weights_digest(state) != meta.get("digest"):
-        raise ArtifactError(f"{p}: weights do not match their recorded digest (corrupt?); re-run fuse --method moe")
+        raise ArtifactError(f"{p}: weights do not match their recorded digest (corrupt?); re-run fuse moe")
     spec = meta["model"]
     model = MoEFusion(spec["in_dims"], spec["dim"], spec["gate_hidden"], spec["heads"], spec["residual"])
     model.load_state_dict(state, strict=True)

@@ -238,9 +238,9 @@ def stack_scores(
     if C <= 0:
         raise GanprintError(f"--C {C}: must be positive")
     if not dev_paths:
-        raise GanprintError("fuse --method stack: no dev scores given; pass --dev once per attack/backbone")
+        raise GanprintError("fuse stack: no dev scores given; pass --dev once per attack/backbone")
     if len(dev_paths) != len(test_paths):
-        raise GanprintError(f"fuse --method stack: {len(dev_paths)} dev and {len(test_paths)} test scores artifacts; "
+        raise GanprintError(f"fuse stack: {len(dev_paths)} dev and {len(test_paths)} test scores artifacts; "
                             "pass one test artifact per dev artifact, in the same order")
     ensure_writable(out)
     dev = [read_scores(p) for p in dev_paths]
