@@ -190,7 +190,7 @@ def run_embed(
     model = loaded.model
     ckpt_prov: dict[str, Any] | None = None
     if checkpoint is not None:
-        from ganprint.checkpoint import apply_checkpoint
+        from ganprint.contrastive.restore import apply_checkpoint
 
         model, ckpt_prov = apply_checkpoint(loaded, checkpoint)
     bprov = loaded.provenance()

@@ -6,7 +6,7 @@ Library API (torch is imported only when these are called):
 - :func:`run_training` -> :class:`ganprint.contrastive.trainer.TrainResult` (losses, timing, ...);
 - :class:`ganprint.contrastive.config.TrainConfig` (``TrainConfig.from_preset("cpu-small", data=...)``);
 - :func:`ganprint.contrastive.loss.hybrid_contrastive_loss` (q, k_pos, negatives, tau, alpha, pos_mask);
-- :func:`ganprint.checkpoint.apply_checkpoint` to embed with a checkpoint.
+- :func:`ganprint.contrastive.restore.apply_checkpoint` to embed with a checkpoint.
 
 Modules: ``config`` (keys, TOML), ``pools`` (positive pools), ``queue`` (FIFO of keys), ``heads``
 (projection head, per-sample temperature), ``loss``, ``momentum`` (EMA), ``augment`` (CT views),

@@ -95,7 +95,7 @@ def test_embed_refuses_checkpoint_of_another_backbone(trained, tmp_path):
 
 def test_apply_checkpoint_library(trained):
     from ganprint.backbones import load_backbone
-    from ganprint.checkpoint import apply_checkpoint
+    from ganprint.contrastive.restore import apply_checkpoint
 
     _, ckpt = trained
     loaded = load_backbone("test_resnet", "none", 32)
