@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 from ganprint.checkpoint import model_digest, read_checkpoint, read_checkpoint_meta, unprefixed
 from ganprint.errors import GanprintError
