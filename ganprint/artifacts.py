@@ -18,6 +18,7 @@ what they know (backbone, weights digest, preprocessing, inputs' content hash, s
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import hashlib
@@ -25,6 +26,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -66,8 +68,10 @@ def resolve_artifact_arg(arg: str, stdin=None) -> Path:
     return artifact_base(arg)
 
 
-def ensure_writable(path: str | os.PathLike) -> None:
-    """Fail early (before any work) when the artifact's folder can't take new files.
+def ensure_writable(path: str | os.PathLike, claim: bool = True) -> None:
+    """Fail early (before any work) when the artifact's folder can't take new files, or when
+    another process is writing the same output; ``claim`` then locks the output until this
+    process writes it (:func:`claim_output`).
 
     Probes with a real temporary file: ``os.access`` says yes to root even on read-only mounts.
     """
@@ -83,6 +87,8 @@ def ensure_writable(path: str | os.PathLike) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise ArtifactError(f"{folder}: output folder is not writable ({exc.strerror}); choose another --out") from exc
+    if claim:
+        claim_output(path)
 
 
 def _umask() -> int:
@@ -178,14 +184,22 @@ def lock_path(path: str | os.PathLike) -> Path:
     return base.parent / f".{base.name}.lock"
 
 
-@contextlib.contextmanager
-def output_lock(path: str | os.PathLike, what: str = "--out"):
-    """Hold an exclusive lock on the output base ``path`` (file ``.X.lock`` beside it, removed
-    afterwards) so two runs never interleave their writes; a second writer gets an ArtifactError
-    at once instead of leaving a mismatched pair.  The kernel drops the lock if the process dies."""
+# output locks held by this process: lock path -> (fd, owning thread id)
+_HELD: dict[str, tuple[int, int]] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _acquire(path: str | os.PathLike, what: str) -> bool:
+    """Take the lock of output ``path``; False when this thread already holds it (re-entrant)."""
     import fcntl
 
     lock = lock_path(path)
+    key = str(lock)
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None and held[1] == me:
+            return False
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
@@ -208,16 +222,60 @@ def output_lock(path: str | os.PathLike, what: str = "--out"):
         if same:
             break
         os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield lock
-    finally:
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    with _HELD_GUARD:
+        _HELD[key] = (fd, me)
+    return True
+
+
+def _release(path: str | os.PathLike) -> None:
+    _release_key(str(lock_path(path)))
+
+
+def _release_key(key: str) -> None:
+    with _HELD_GUARD:
+        held = _HELD.pop(key, None)
+    if held is not None:
         try:
-            os.unlink(lock)
+            os.unlink(key)
         except OSError:
             pass
-        os.close(fd)
+        os.close(held[0])
+
+
+def release_output_lock(path: str | os.PathLike) -> None:
+    """End this process's claim on output ``path`` (no-op when it holds none)."""
+    _release(path)
+
+
+def release_output_locks() -> None:
+    """Drop every output lock this process holds (a stage that failed before it wrote)."""
+    for key in list(_HELD):
+        _release_key(key)
+
+
+atexit.register(release_output_locks)
+
+
+def claim_output(path: str | os.PathLike, what: str = "--out") -> None:
+    """Lock output ``path`` from now until this process's first write to it (or its exit), so a
+    second run started on the same ``--out`` while this one computes fails at once."""
+    _acquire(path, what)
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, what: str = "--out"):
+    """Hold an exclusive lock on the output base ``path`` (file ``.X.lock`` beside it, removed
+    afterwards) so two runs never interleave their writes; a second writer gets an ArtifactError
+    at once instead of leaving a mismatched pair.  The kernel drops the lock if the process dies.
+    When this thread already holds it (a :func:`claim_output` made at the stage's start), the
+    write proceeds under that lock and ends the claim."""
+    _acquire(path, what)
+    try:
+        yield lock_path(path)
+    finally:
+        _release(path)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -111,7 +111,7 @@ def check_submission_path(path: str | os.PathLike) -> Path:
         raise GanprintError(f"{path}: is a folder; pass a file name for --submission")
     if not path.parent.is_dir():
         raise GanprintError(f"{path.parent}: folder does not exist; create it or choose another --submission")
-    ensure_writable(path.parent / "probe")
+    ensure_writable(path.parent / "probe", claim=False)
     return path
 
 

@@ -133,18 +133,57 @@ def test_outputs_follow_the_umask(tmp_path):
     assert base == tmp_path / "a"
 
 
+class LockHolder:
+    """Holds the output lock of ``base`` from another thread (as another run would) until closed."""
+
+    def __init__(self, base):
+        import threading
+
+        from ganprint.artifacts import output_lock
+
+        self.taken, self.done = threading.Event(), threading.Event()
+
+        def hold():
+            with output_lock(base):
+                self.taken.set()
+                self.done.wait(60)
+
+        self.thread = threading.Thread(target=hold, daemon=True)
+        self.thread.start()
+        assert self.taken.wait(10)
+
+    def close(self):
+        self.done.set()
+        self.thread.join(10)
+
+
 def test_second_writer_gets_a_clear_error_and_nothing_is_mixed(tmp_path):
-    from ganprint.artifacts import lock_path, output_lock
+    from ganprint.artifacts import ensure_writable, lock_path, release_output_lock
 
     base = tmp_path / "a"
-    with output_lock(base):
+    holder = LockHolder(base)
+    try:
         with pytest.raises(ArtifactError) as ei:
             _write(base)
         assert f"another ganprint process (pid {os.getpid()}) is writing this output" in str(ei.value)
+        with pytest.raises(ArtifactError, match="another ganprint process"):  # refused before any work, too
+            ensure_writable(base)
         assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lock"]
+    finally:
+        holder.close()
     assert not lock_path(base).exists()
-    _write(base)
+    # a stage claims its output at the start and keeps it while it computes
+    ensure_writable(base)
+    other = []
+    import threading
+
+    t = threading.Thread(target=lambda: other.append(pytest.raises(ArtifactError, _write, base)))
+    t.start()
+    t.join()
+    assert other and lock_path(base).exists()
+    _write(base)  # this thread's write ends its claim
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "a.safetensors"]
+    release_output_lock(base)  # no-op: nothing held
 
 
 def _hammer(args):

@@ -77,15 +77,13 @@ def _full_disk(monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
 
 
-_HELD: list = []  # locks a row holds while its command runs (released after the row)
+_HELD: list = []  # locks a row holds (from another thread, as another run would) while its command runs
 
 
 def _held_lock(base: Path) -> None:
-    from ganprint.artifacts import output_lock
+    from test_artifacts import LockHolder
 
-    cm = output_lock(base)
-    cm.__enter__()
-    _HELD.append(cm)
+    _HELD.append(LockHolder(base))
 
 
 # each row: (name, setup(tmp, out, monkeypatch) -> argv, the Error text it must contain)
@@ -265,7 +263,7 @@ def test_bad_input_is_one_line_error_and_leaves_nothing(tmp_path, monkeypatch, s
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
         while _HELD:
-            _HELD.pop().__exit__(None, None, None)
+            _HELD.pop().close()
     assert res.exit_code == 2, (res.exit_code, res.stderr, res.exception)
     assert res.stderr.startswith("Error: ") and res.stderr.endswith("\n") and res.stderr.count("\n") == 1, res.stderr
     assert needle in res.stderr, res.stderr

@@ -31,6 +31,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise fail(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
+        finally:
+            artifacts = sys.modules.get("ganprint.artifacts")
+            if artifacts is not None:  # outputs claimed by a stage that stopped before writing them
+                artifacts.release_output_locks()
 
     return wrapper
 
