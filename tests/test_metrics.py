@@ -157,7 +157,7 @@ def _scores_artifact(base, ids, labels, truth=None):
     t = pd.DataFrame({"image_id": ids, "score": np.linspace(0, 1, len(ids)), "label_pred": np.asarray(labels, np.int8)})
     if truth is not None:
         t["label"] = pd.array(truth, dtype="Int8")
-    return write_artifact(base, {"scores": torch.as_tensor(t["score"].to_numpy(), dtype=torch.float32)}, t,
+    return write_artifact(base, {"scores": torch.as_tensor(t["score"].to_numpy().copy(), dtype=torch.float32)}, t,
                           base_provenance("scores", "predict", rows=len(ids)))
 
 
