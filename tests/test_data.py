@@ -199,25 +199,35 @@ def test_decompression_bomb_is_a_clear_bad_image():
     assert "--skip-bad" in str(ei.value)
 
 
+def run_cli(args, timeout: int = 120):
+    """``ganprint ARGS`` in a child process killed after ``timeout`` s: a hang fails the test
+    (a blocked open() in a worker thread would outlive any in-process alarm)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    try:
+        return subprocess.run([sys.executable, "-m", "ganprint", *map(str, args)], capture_output=True, text=True,
+                              timeout=timeout, env=env, cwd=root)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"ganprint {' '.join(map(str, args))} still running after {timeout} s (hang)")
+
+
 def test_embed_skips_the_bomb_and_survives_fifo_and_loops(png_folder, tmp_path):
-    from typer.testing import CliRunner
-
-    from ganprint.cli.main import app
-
     (png_folder / "bomb.png").write_bytes(bomb_png())
     os.mkfifo(png_folder / "pipe.png")
     os.symlink("/dev/zero", png_folder / "zero.png")
     os.symlink("..", png_folder / "up")
+    os.symlink(".", png_folder / "self")
     out = tmp_path / "e"
-    args = ["embed", str(png_folder), "--out", str(out), "--backbone", "test_resnet", "--image-size", "32",
-            "--workers", "0", "-q"]
-    runner = CliRunner()
-    with deadline(120):
-        r = runner.invoke(app, args)
-        assert r.exit_code == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
-        assert not list(tmp_path.glob("e.*")) and not list(tmp_path.glob(".e.*"))
-        r = runner.invoke(app, [*args, "--skip-bad", "--json"])
-    assert r.exit_code == 0, r.stderr
+    args = ["embed", png_folder, "--out", out, "--backbone", "test_resnet", "--image-size", "32", "--workers", "0", "-q"]
+    r = run_cli(args)
+    assert r.returncode == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert not list(tmp_path.glob("e.*")) and not list(tmp_path.glob(".e.*"))
+    r = run_cli([*args, "--skip-bad", "--json"])
+    assert r.returncode == 0, r.stderr
     import json
 
     res = json.loads(r.stdout)
