@@ -41,6 +41,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ganprint.tiles import _one_thread, _tiles
+
 U = 2.0 ** -8  # bf16 unit roundoff: 8 significant bits, round to nearest even
 CAP = 256  # candidates a row may collect before it is searched again in float32
 RUN = 64  # columns per run for the int16 run-maximum pass
@@ -269,8 +271,6 @@ def bf16_topk(queries, keys, k: int, *, block: int, key_factor: int, exclude=Non
     Tiles are [block, key_factor * block] bf16 values (2 bytes each).
     """
     import torch
-
-    from ganprint.similarity import _one_thread, _tiles
 
     nq, nk = queries.shape[0], keys.shape[0]
     cap = max(cap, 4 * k)

@@ -23,7 +23,6 @@ Public API (library first; the CLI module only parses options):
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -40,6 +39,7 @@ from ganprint.artifacts import (
     write_artifact,
 )
 from ganprint.errors import ArtifactError, GanprintError
+from ganprint.tiles import _one_thread, _tiles  # noqa: F401  (re-exported for bench/)
 
 METRICS = ("cosine", "l2")
 ENGINES = ("torch", "faiss")
@@ -123,25 +123,6 @@ def _check_metric(metric: str) -> None:
         raise GanprintError(f"--metric {metric}: unknown; use one of {', '.join(METRICS)}")
 
 
-@contextlib.contextmanager
-def _one_thread(device):
-    """Run the selection on one thread.  With two, each of its ~10 small ops ends in a barrier,
-    and when other jobs share the cores a descheduled partner thread makes every barrier cost a
-    time slice: on a loaded 2-core box the selection cost 1.48x the matmul with two threads,
-    1.19x with one (the matmul keeps both)."""
-    import torch
-
-    if getattr(device, "type", device) != "cpu":
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def _select_rows(x, k: int, chunk: int):
     """Exact top-k per row of ``x`` [n, m] (k <= m): (values [n, k], column positions [n, k]),
     unsorted.  Runs of ``chunk`` columns are reduced to their maxima, the k best runs kept, and
@@ -201,11 +182,6 @@ class _RowTopK:
             v1, p1 = _select_rows(tile, min(k, tile.shape[1]), self.chunk)
             v, p = torch.cat([old_v, v1], 1).topk(k, dim=1)  # sorted: values[:, -1] is the k-th best
             return v, torch.cat([old_i, p1 + col0], 1).gather(1, p)
-
-
-def _tiles(n: int, size: int):
-    for s in range(0, n, size):
-        yield s, min(n, s + size)
 
 
 def _sim_tile(q, kb, qsq, ksq, metric: str, buf):
