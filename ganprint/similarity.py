@@ -221,6 +221,7 @@ def topk_search(
     prepared: bool = False,
     precision: str = "fp32",
     stats: dict[str, Any] | None = None,
+    key_prep: Any = None,
 ) -> tuple[TopK, TopK | None, Any]:
     """Exact top-k of ``keys`` for every query, streaming over tiles.
 
@@ -231,6 +232,8 @@ def topk_search(
     (+ the matrix when asked for).  ``precision``: fp32 tiles, or bf16 tiles with certified
     float32 re-scoring (:mod:`ganprint.prefilter`; exact too), or auto (see
     :func:`resolve_precision`).  ``stats`` (optional) receives the bf16 path's counts.
+    ``key_prep``: ``prefilter.prepare_keys(keys)`` when several calls search the same keys with
+    bf16 tiles (query slices): the keys are then centred and rounded once (the fp32 path ignores it).
     """
     import torch
 
@@ -250,7 +253,8 @@ def topk_search(
         raise GanprintError(f"top-k search needs at least {1 + n_ex} key rows, got {nk_all}")
     if resolve_precision(precision, metric, dev, matrix=matrix, size=nq_all * nk_all,
                          exclude_keys=n_ex > 0 and key_k > 0) == "bf16":
-        return _topk_bf16(queries, keys, k, block=block, exclude=exclude, key_k=key_k, chunk=chunk, stats=stats)
+        return _topk_bf16(queries, keys, k, block=block, exclude=exclude, key_k=key_k, chunk=chunk, stats=stats,
+                          key_prep=key_prep)
     keys_d = keys.to(dev)
     ksq = (keys_d * keys_d).sum(1) if metric == "l2" else None
     qblock, kblock = block, block * KEY_BLOCK_FACTOR
@@ -315,22 +319,23 @@ def resolve_precision(precision: str, metric: str, device: Any, *, matrix: bool 
     return "bf16" if bf16_native() else "fp32"
 
 
-def _topk_bf16(queries, keys, k: int, *, block: int, exclude, key_k: int, chunk: int, stats):
+def _topk_bf16(queries, keys, k: int, *, block: int, exclude, key_k: int, chunk: int, stats, key_prep=None):
     """topk_search's bf16 path (cosine, CPU, unit-norm inputs): both directions, each certified,
     uncertified rows searched again with float32 tiles."""
     import torch
 
     from ganprint.prefilter import bf16_topk
 
-    def one_way(qs, ks, kk, ex):
-        v, i, redo = bf16_topk(qs, ks, kk, block=block, key_factor=BF16_KEY_BLOCK_FACTOR, exclude=ex, stats=stats)
+    def one_way(qs, ks, kk, ex, prep=None):
+        v, i, redo = bf16_topk(qs, ks, kk, block=block, key_factor=BF16_KEY_BLOCK_FACTOR, exclude=ex, stats=stats,
+                               prepared=prep)
         if len(redo):
             again, _, _ = topk_search(qs[redo], ks, kk, block=block, exclude=None if ex is None else
                                       torch.as_tensor(ex)[redo], chunk=chunk, prepared=True, precision="fp32")
             v[redo], i[redo] = again.values, again.indices
         return TopK(v, i)
 
-    res = one_way(queries, keys, k, exclude)
+    res = one_way(queries, keys, k, exclude, key_prep)
     kres = one_way(keys, queries, key_k, None) if key_k > 0 else None
     return res, kres, None
 
