@@ -114,6 +114,15 @@ def resampled(path: str, n: int, m: int, jitter: float, seed: int):
     return draw(n), draw(m)
 
 
+def ratio(a, b, digits: int = 3):
+    """a / b rounded, or None when a phase was skipped."""
+    return None if a is None or b is None else round(a / b, digits)
+
+
+def fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000, help="queries (real images)")
@@ -130,6 +139,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="torch device for matmul and ganprint (faiss stays on CPU)")
     ap.add_argument("--precision", default="auto", help="ganprint's tile precision: auto, fp32 or bf16")
     ap.add_argument("--no-faiss", action="store_true", help="skip the faiss baseline")
+    ap.add_argument("--no-matmul", action="store_true", help="skip the float32 matmul baseline (its ratios print as -)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--embeddings", default=None, help="draw the vectors from this embeddings artifact")
     ap.add_argument("--jitter", type=float, default=0.3, help="with --embeddings: noise, x the per-dimension std")
@@ -238,7 +248,7 @@ def main() -> int:
     if index is not None:
         with_faiss(w)
 
-    phases = ["matmul"] + (["matmul_bf16"] if keys16 is not None else []) + ["ganprint"] + \
+    phases = ([] if args.no_matmul else ["matmul"]) + (["matmul_bf16"] if keys16 is not None else []) + ["ganprint"] + \
         (["faiss"] if index is not None else [])
     seconds = {p: 0.0 for p in phases}
     cpu = {p: 0.0 for p in phases}  # process CPU time: less sensitive than wall time to other jobs
@@ -337,12 +347,12 @@ def main() -> int:
         "threads": args.threads, "device": str(dev), "torch": torch.__version__, "precision": precision,
         "seconds": {p: round(v, 2) for p, v in seconds.items()},
         "cpu_seconds": {p: round(v, 2) for p, v in cpu.items()},
-        "gflops_matmul": round(2.0 * n * m * dim / seconds["matmul"] / 1e9, 1),
-        "ratio_ganprint_over_matmul": round(seconds["ganprint"] / seconds["matmul"], 3),
-        "cpu_ratio_ganprint_over_matmul": round(cpu["ganprint"] / cpu["matmul"], 3),
+        "gflops_matmul": ratio(2.0 * n * m * dim / 1e9, seconds.get("matmul"), 1),
+        "ratio_ganprint_over_matmul": ratio(seconds["ganprint"], seconds.get("matmul")),
+        "cpu_ratio_ganprint_over_matmul": ratio(cpu["ganprint"], cpu.get("matmul")),
         "bf16": None if keys16 is None else {
             "ratio_ganprint_over_matmul_bf16": round(seconds["ganprint"] / seconds["matmul_bf16"], 3),
-            "ratio_matmul_over_matmul_bf16": round(seconds["matmul"] / seconds["matmul_bf16"], 3),
+            "ratio_matmul_over_matmul_bf16": ratio(seconds.get("matmul"), seconds["matmul_bf16"]),
             "rows_searched_again_fp32": stats.get("redone", 0),
             "rescored_per_row": round(stats.get("rescored", 0) / max(1, stats.get("rows", 1)), 1),
             "gave_up_at_row": stats.get("gave_up_at_row"),
@@ -362,7 +372,7 @@ def main() -> int:
     if index is not None:
         res["ratio_faiss_over_ganprint"] = round(seconds["faiss"] / seconds["ganprint"], 3)
         res["cpu_ratio_faiss_over_ganprint"] = round(cpu["faiss"] / cpu["ganprint"], 3)
-        res["ratio_faiss_over_matmul"] = round(seconds["faiss"] / seconds["matmul"], 3)
+        res["ratio_faiss_over_matmul"] = ratio(seconds["faiss"], seconds.get("matmul"))
         res["faiss_version"] = faiss.__version__
         res["checked_rows"] = len(check_rows)
         res["rows_with_index_mismatch"] = mismatched
@@ -380,18 +390,18 @@ def main() -> int:
             print(f"  {p:9s} {seconds[p]:8.2f} s  (CPU {cpu[p]:7.2f} s)   peak RSS {res['peak_rss_mib'][p]:8.1f} MiB, "
                   f"+{res['rss_growth_within_call_mib'][p]:.1f} MiB within a call")
         print(f"  matmul throughput      {res['gflops_matmul']} GFLOP/s")
-        print(f"  ganprint / matmul      {res['ratio_ganprint_over_matmul']:.3f}  (target <= 1.2; CPU time "
-              f"{res['cpu_ratio_ganprint_over_matmul']:.3f})")
+        print(f"  ganprint / matmul      {fmt(res['ratio_ganprint_over_matmul'])}  (target <= 1.2; CPU time "
+              f"{fmt(res['cpu_ratio_ganprint_over_matmul'])})")
         b = res["bf16"]
         if b is not None:
             print(f"  ganprint / matmul_bf16 {b['ratio_ganprint_over_matmul_bf16']:.3f}  (selection + float32 re-scoring "
-                  f"over the bf16 products; matmul / matmul_bf16 {b['ratio_matmul_over_matmul_bf16']:.3f})")
+                  f"over the bf16 products; matmul / matmul_bf16 {fmt(b['ratio_matmul_over_matmul_bf16'])})")
             print(f"  bf16 path              {b['rows_searched_again_fp32']} rows searched again in float32; "
                   f"{b['rescored_per_row']} keys re-scored per row; "
                   f"error bound <= {b['max_error_bound']:.4f}")
         if index is not None:
             print(f"  faiss / ganprint       {res['ratio_faiss_over_ganprint']:.3f}  (target >= 3; CPU time "
-                  f"{res['cpu_ratio_faiss_over_ganprint']:.3f}; faiss / matmul {res['ratio_faiss_over_matmul']:.3f} "
+                  f"{res['cpu_ratio_faiss_over_ganprint']:.3f}; faiss / matmul {fmt(res['ratio_faiss_over_matmul'])} "
                   "bounds it)")
             print(f"  top-k vs faiss         {wrong} of {len(check_rows)} sampled rows differ in values "
                   f"(max |diff| {max_abs:.1e}); {mismatched} in index order (near-ties rounded differently)")
