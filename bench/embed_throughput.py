@@ -1,6 +1,6 @@
 """Embed throughput on this machine, as ratios against baselines measured in the same run.
 
-    python bench/embed_throughput.py [--backbone efficientnet_lite0] [--n 192] [--batch-size 32]
+    python bench/embed_throughput.py [--backbone efficientnet_lite0] [--n 192] [--batch-size 32] [--torchrun]
 
 Prints images/s for
   forward   bare model forward on pre-decoded, pre-processed tensors (the practical limit),
@@ -9,6 +9,10 @@ Prints images/s for
   seed      a seed-style loop: PIL images decoded one by one in the main process, torchvision
             transforms, no workers, no channels_last, torch.no_grad,
 and the ratios embed/forward (target >= 0.9) and embed/seed (target >= 1.5).
+``--torchrun`` adds two rows of the whole ``ganprint embed`` command on the same images, decoding in
+the main process (``--workers 0``): ``1proc x 2thr`` (one process, 2 threads) and ``torchrun 2x1``
+(``torchrun --nproc-per-node 2``, gloo, one thread each), and their ratio; both artifacts are
+checked to hold the same rows.
 The images are 256x256 8-bit palette PNGs (the ImageCLEF 2025 format) written to a temp folder.
 """
 
@@ -46,6 +50,46 @@ def make_images(folder: Path, n: int, size: int = 256) -> list[Path]:
     return paths
 
 
+def cli_rows(args, folder: str) -> dict[str, float]:
+    """images/s of the ``ganprint embed`` command: 1 process x 2 threads, torchrun 2 processes x 1 thread."""
+    import json
+    import subprocess
+
+    import torch
+
+    from ganprint.artifacts import read_artifact
+
+    exe = Path(sys.executable)
+    common = ["embed", folder, "--backbone", args.backbone, "--batch-size", str(args.batch_size), "--workers", "0",
+              "--force", "--json", "-q", "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        env.pop(var, None)
+    out_dir = Path(folder).parent
+    runs = {
+        "1proc x 2thr": ([str(exe), "-m", "ganprint"], {"OMP_NUM_THREADS": "2"}),
+        "torchrun 2x1": ([str(exe.parent / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "ganprint"],
+                         {"OMP_NUM_THREADS": "1"}),
+    }
+    got: dict[str, float] = {}
+    arts = {}
+    for name, (cmd, extra) in runs.items():
+        best = 0.0
+        for r in range(args.repeats):
+            base = out_dir / f"bench_{name.split()[0]}_{r}"
+            proc = subprocess.run([*cmd, *common, "-o", str(base)], capture_output=True, text=True,
+                                  env={**env, **extra}, timeout=1800)
+            if proc.returncode != 0:
+                raise SystemExit(f"{name}: ganprint embed failed: {proc.stderr[-2000:]}")
+            best = max(best, float(json.loads(proc.stdout)["images_per_s"]))
+            arts[name] = base
+        got[name] = best
+    a, b = (read_artifact(p).tensor("embeddings") for p in arts.values())
+    # same rows; bit-identical only with equal threads per process (oneDNN rounds per thread count)
+    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4), "the two runs disagree"
+    return got
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="efficientnet_lite0")
@@ -54,6 +98,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--workers", type=int, default=None, help="embed's DataLoader workers [default: ganprint's]")
     ap.add_argument("--repeats", type=int, default=2, help="best of N for each measurement")
+    ap.add_argument("--torchrun", action="store_true", help="add the 2-process torchrun row")
     args = ap.parse_args()
 
     import torch
@@ -69,7 +114,9 @@ def main() -> int:
     prep = lb.preprocess
     cpu = torch.device("cpu")
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp_root:
+        tmp = str(Path(tmp_root) / "imgs")  # the artifacts of --torchrun go beside it
+        Path(tmp).mkdir()
         paths = make_images(Path(tmp), args.n)
         records, _ = discover([tmp])
         x_all = torch.stack([prep(load_image(str(p))) for p in paths])
@@ -123,11 +170,16 @@ def main() -> int:
         res = {}
         for name, fn in (("forward", forward_only), ("embed", embed_path), ("seed", seed_loop)):
             res[name] = args.n / min(fn() for _ in range(args.repeats))
+        if args.torchrun:
+            res.update(cli_rows(args, tmp))
 
     print(f"backbone={args.backbone} size={prep.size} n={args.n} batch={bs} threads={args.threads} workers={workers}")
     print(f"{'path':<10}{'img/s':>10}")
     for k, v in res.items():
         print(f"{k:<10}{v:>10.1f}")
+    if "torchrun 2x1" in res:
+        print(f"torchrun 2x1 / 1proc x 2thr = {res['torchrun 2x1'] / res['1proc x 2thr']:.2f}  "
+              "(2 processes of 1 thread vs 1 process of 2 threads, same images)")
     r1 = res["embed"] / res["forward"]
     r2 = res["embed"] / res["seed"]
     print(f"embed/forward = {r1:.2f}  (target >= 0.9)")

@@ -1,6 +1,7 @@
 """Exact top-k similarity search at scale, as ratios against baselines measured in the same run.
 
     python bench/simmatrix_scale.py [--n 100000] [--m N] [--dim 256] [--k 10] [--block 2048]
+    python bench/simmatrix_scale.py --n-gen 1000000 --n-real 20000 [--ivf] [--noisy-neighbour]
     python bench/simmatrix_scale.py --embeddings EMB --n 10000 --m 20000 [--jitter 0.3]
 
 Queries [n, D] and keys [m, D] are seeded random unit vectors, or (``--embeddings EMB``, an
@@ -18,6 +19,14 @@ all alike), each over all keys:
   ganprint     ``ganprint.similarity.topk_search`` with ``--precision`` (auto: bf16 tiles,
                certified, re-scored in float32 where the CPU has bf16 dot products; else fp32),
   faiss        ``faiss.IndexFlatIP.search`` (exact), when faiss is installed.
+
+The bf16 path's keys are prepared once (``prefilter.prepare_keys``, timed and counted in
+ganprint's time) and reused by every slice, as one library call does.  ``--ivf`` adds the
+approximate engine (``simmatrix --engine faiss-ivf`` at its default: IVF index built, nprobe
+calibrated to recall@k >= 0.99), timed as one whole call, its recall@k measured against
+ganprint's exact top-k on every query row, and its speed-up over ganprint's exact search.
+``--noisy-neighbour`` runs the interleaved slices a second time while another process keeps
+one core busy, and prints each phase's CPU-time growth (noisy / quiet).
 
 Prints seconds, ganprint/matmul (target <= 1.2), faiss/ganprint (target >= 3), the bf16 path's
 counts (rows searched again in float32, keys re-scored per row, the error bound), peak RSS during
@@ -74,6 +83,20 @@ def unit_vectors(n: int, dim: int, seed: int):
     return x
 
 
+def clustered(n: int, dim: int, centres, spread: float, seed: int):
+    """Unit vectors [n, dim] around ``centres`` [c, dim] (each a centre + Gaussian noise of ``spread``
+    per coordinate, normalised): the structure real embeddings have, and an inverted file exploits."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(n, dim)
+    for s in range(0, n, 65536):
+        e = min(n, s + 65536)
+        c = centres[torch.randint(0, len(centres), (e - s,), generator=g)]
+        x[s:e] = torch.nn.functional.normalize(c + spread * torch.randn(e - s, dim, generator=g), dim=1)
+    return x
+
+
 def resampled(path: str, n: int, m: int, jitter: float, seed: int):
     """Queries [n, D] and keys [m, D] drawn from the rows of an embeddings artifact (see above)."""
     import torch
@@ -91,10 +114,23 @@ def resampled(path: str, n: int, m: int, jitter: float, seed: int):
     return draw(n), draw(m)
 
 
+def ratio(a, b, digits: int = 3):
+    """a / b rounded, or None when a phase was skipped."""
+    return None if a is None or b is None else round(a / b, digits)
+
+
+def fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000, help="queries (real images)")
     ap.add_argument("--m", type=int, default=None, help="keys (generated images) [default: n]")
+    ap.add_argument("--n-real", type=int, default=None, help="the same as --n (the queries are the real images)")
+    ap.add_argument("--n-gen", type=int, default=None, help="the same as --m (the keys are the generated images)")
+    ap.add_argument("--ivf", action="store_true", help="add the faiss-ivf engine row (recall@k, speed-up)")
+    ap.add_argument("--noisy-neighbour", action="store_true", help="repeat the slices with one core kept busy")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--block", type=int, default=None, help="query rows per tile [default: ganprint's]")
@@ -103,9 +139,13 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="torch device for matmul and ganprint (faiss stays on CPU)")
     ap.add_argument("--precision", default="auto", help="ganprint's tile precision: auto, fp32 or bf16")
     ap.add_argument("--no-faiss", action="store_true", help="skip the faiss baseline")
+    ap.add_argument("--no-matmul", action="store_true", help="skip the float32 matmul baseline (its ratios print as -)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--embeddings", default=None, help="draw the vectors from this embeddings artifact")
     ap.add_argument("--jitter", type=float, default=0.3, help="with --embeddings: noise, x the per-dimension std")
+    ap.add_argument("--clusters", type=int, default=0, help="draw both sets around this many random centres "
+                                                              "(0: uniform unit vectors)")
+    ap.add_argument("--spread", type=float, default=0.04, help="with --clusters: noise per coordinate")
     ap.add_argument("--json", action="store_true", help="print a JSON summary")
     args = ap.parse_args()
 
@@ -124,7 +164,9 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     block = args.block or DEFAULT_BLOCK
-    n, m, dim, k = args.n, args.m or args.n, args.dim, args.k
+    n = args.n_real or args.n
+    m = args.n_gen or args.m or n
+    dim, k = args.dim, args.k
     dev = torch.device(args.device)
     faiss = None
     if not args.no_faiss:
@@ -139,6 +181,10 @@ def main() -> int:
     if args.embeddings:
         queries, keys = resampled(args.embeddings, n, m, args.jitter, args.seed)
         dim = queries.shape[1]
+    elif args.clusters:
+        centres = unit_vectors(args.clusters, dim, args.seed + 2)
+        queries = clustered(n, dim, centres, args.spread, args.seed)
+        keys = clustered(m, dim, centres, args.spread, args.seed + 1)
     else:
         queries = unit_vectors(n, dim, args.seed)
         keys = unit_vectors(m, dim, args.seed + 1)
@@ -154,6 +200,13 @@ def main() -> int:
     precision = resolve_precision(args.precision, "cosine", dev, size=n * m)
     stats: dict = {}
     keys16 = keys_d.bfloat16() if precision == "bf16" else None
+    key_prep, prep_cpu, prep_s = None, 0.0, 0.0
+    if precision == "bf16":  # once per search, as one library call does (counted in ganprint's time below)
+        from ganprint.prefilter import prepare_keys
+
+        c, t = time.process_time(), time.perf_counter()
+        key_prep = prepare_keys(keys_d)
+        prep_cpu, prep_s = time.process_time() - c, time.perf_counter() - t
 
     def bare16(q):
         # the bf16 path's products alone (its rounding of the inputs included, as in topk_search)
@@ -179,7 +232,7 @@ def main() -> int:
 
     def ours(q):
         res, _, _ = topk_search(q, keys_d, k, block=block, device=dev, prepared=True, precision=args.precision,
-                                stats=stats)
+                                stats=stats, key_prep=key_prep)
         return res
 
     def with_faiss(q):
@@ -195,10 +248,12 @@ def main() -> int:
     if index is not None:
         with_faiss(w)
 
-    phases = ["matmul"] + (["matmul_bf16"] if keys16 is not None else []) + ["ganprint"] + \
+    phases = ([] if args.no_matmul else ["matmul"]) + (["matmul_bf16"] if keys16 is not None else []) + ["ganprint"] + \
         (["faiss"] if index is not None else [])
     seconds = {p: 0.0 for p in phases}
     cpu = {p: 0.0 for p in phases}  # process CPU time: less sensitive than wall time to other jobs
+    seconds["ganprint"] += prep_s
+    cpu["ganprint"] += prep_cpu
     peak = {p: 0 for p in phases}
     growth = {p: 0 for p in phases}  # largest RSS rise within one call: the phase's own working memory
     got_v = torch.empty(n, k)
@@ -241,21 +296,63 @@ def main() -> int:
             max_abs = max(max_abs, float(np.abs(gv - fd[rows]).max()))
         print(f"slice {si + 1}/{len(bounds)}: " + "  ".join(f"{p} {seconds[p]:.1f}s" for p in phases),
               file=sys.stderr, flush=True)
+    quiet_cpu = {p: v - (prep_cpu if p == "ganprint" else 0.0) for p, v in cpu.items()}  # the slices alone
+
+    noisy = None
+    if args.noisy_neighbour:  # the same slices while another process keeps one core busy
+        import subprocess
+
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            noisy_cpu = {p: 0.0 for p in phases}
+            noisy_s = {p: 0.0 for p in phases}
+            for si, (s0, s1) in enumerate(bounds):
+                q = queries[s0:s1]
+                for p in (phases if si % 2 == 0 else phases[::-1]):
+                    c, t = time.process_time(), time.perf_counter()
+                    {"matmul": bare, "matmul_bf16": bare16, "ganprint": ours, "faiss": with_faiss}[p](q)
+                    noisy_s[p] += time.perf_counter() - t
+                    noisy_cpu[p] += time.process_time() - c
+                print(f"noisy slice {si + 1}/{len(bounds)}", file=sys.stderr, flush=True)
+        finally:
+            hog.kill()
+            hog.wait()
+        noisy = {"cpu_seconds": {p: round(v, 2) for p, v in noisy_cpu.items()},
+                 "seconds": {p: round(v, 2) for p, v in noisy_s.items()},
+                 "cpu_growth": {p: round(noisy_cpu[p] / quiet_cpu[p], 3) for p in phases}}
+
+    ivf = None
+    if args.ivf:  # the approximate engine at its default, one whole call (index, calibration, search)
+        from ganprint.similarity import ENGINES
+
+        info: dict = {}
+        c, t = time.process_time(), time.perf_counter()
+        r_ivf, _, _ = ENGINES["faiss-ivf"].search(queries, keys, k, block=block, device=dev, precision=args.precision,
+                                                  info=info)
+        ivf_s, ivf_cpu = time.perf_counter() - t, time.process_time() - c
+        ai, ei = r_ivf.indices.numpy(), got_i.numpy()
+        recall = float((ai[:, :, None] == ei[:, None, :]).any(-1).sum() / ei.size)  # all rows, vs the exact top-k
+        ivf = {"seconds": round(ivf_s, 2), "cpu_seconds": round(ivf_cpu, 2), "recall_at_k_all_rows": round(recall, 5),
+               "speedup_over_ganprint_exact": round(seconds["ganprint"] / ivf_s, 3),
+               "cpu_speedup_over_ganprint_exact": round(cpu["ganprint"] / ivf_cpu, 3),
+               **{key: info["queries"][key] for key in ("nlist", "nprobe", "recall_at_k", "recall_sample")}}
+        print(f"ivf done in {ivf_s:.1f}s", file=sys.stderr, flush=True)
     load1 = os.getloadavg()
 
     res = {
         "n": n, "m": m, "dim": dim, "k": k, "embeddings": args.embeddings,
+        "clusters": args.clusters or None, "spread": args.spread if args.clusters else None,
         "jitter": args.jitter if args.embeddings else None, "block": block, "tile": [min(qblock, n), min(kblock, m)],
         "tile_bf16": None if keys16 is None else [min(qblock, n), min(block * BF16_KEY_BLOCK_FACTOR, m)],
         "threads": args.threads, "device": str(dev), "torch": torch.__version__, "precision": precision,
         "seconds": {p: round(v, 2) for p, v in seconds.items()},
         "cpu_seconds": {p: round(v, 2) for p, v in cpu.items()},
-        "gflops_matmul": round(2.0 * n * m * dim / seconds["matmul"] / 1e9, 1),
-        "ratio_ganprint_over_matmul": round(seconds["ganprint"] / seconds["matmul"], 3),
-        "cpu_ratio_ganprint_over_matmul": round(cpu["ganprint"] / cpu["matmul"], 3),
+        "gflops_matmul": ratio(2.0 * n * m * dim / 1e9, seconds.get("matmul"), 1),
+        "ratio_ganprint_over_matmul": ratio(seconds["ganprint"], seconds.get("matmul")),
+        "cpu_ratio_ganprint_over_matmul": ratio(cpu["ganprint"], cpu.get("matmul")),
         "bf16": None if keys16 is None else {
             "ratio_ganprint_over_matmul_bf16": round(seconds["ganprint"] / seconds["matmul_bf16"], 3),
-            "ratio_matmul_over_matmul_bf16": round(seconds["matmul"] / seconds["matmul_bf16"], 3),
+            "ratio_matmul_over_matmul_bf16": ratio(seconds.get("matmul"), seconds["matmul_bf16"]),
             "rows_searched_again_fp32": stats.get("redone", 0),
             "rescored_per_row": round(stats.get("rescored", 0) / max(1, stats.get("rows", 1)), 1),
             "gave_up_at_row": stats.get("gave_up_at_row"),
@@ -268,11 +365,14 @@ def main() -> int:
         "tile_mib": round(tile_bytes / 2**20, 1),
         "full_matrix_mib": round(n * m * 4 / 2**20, 1),
         "loadavg_before_after": [round(load0[0], 2), round(load1[0], 2)],
+        "bf16_key_prep_seconds": round(prep_s, 3) if key_prep is not None else None,
+        "noisy_neighbour": noisy,
+        "faiss_ivf": ivf,
     }
     if index is not None:
         res["ratio_faiss_over_ganprint"] = round(seconds["faiss"] / seconds["ganprint"], 3)
         res["cpu_ratio_faiss_over_ganprint"] = round(cpu["faiss"] / cpu["ganprint"], 3)
-        res["ratio_faiss_over_matmul"] = round(seconds["faiss"] / seconds["matmul"], 3)
+        res["ratio_faiss_over_matmul"] = ratio(seconds["faiss"], seconds.get("matmul"))
         res["faiss_version"] = faiss.__version__
         res["checked_rows"] = len(check_rows)
         res["rows_with_index_mismatch"] = mismatched
@@ -282,30 +382,43 @@ def main() -> int:
         print(json.dumps(res, indent=2))
     else:
         t16 = f" (bf16 tiles {res['tile_bf16']})" if keys16 is not None else ""
-        what = f"rows of {args.embeddings} (jitter {args.jitter})" if args.embeddings else "unit vectors"
+        what = (f"rows of {args.embeddings} (jitter {args.jitter})" if args.embeddings else
+                f"unit vectors around {args.clusters} centres (spread {args.spread})" if args.clusters else "unit vectors")
         print(f"exact top-{k}, {n:,} x {m:,} {what}, D={dim}, tiles {res['tile']}{t16}, {args.threads} threads, "
               f"{dev}, ganprint precision {precision}")
         for p in phases:
             print(f"  {p:9s} {seconds[p]:8.2f} s  (CPU {cpu[p]:7.2f} s)   peak RSS {res['peak_rss_mib'][p]:8.1f} MiB, "
                   f"+{res['rss_growth_within_call_mib'][p]:.1f} MiB within a call")
         print(f"  matmul throughput      {res['gflops_matmul']} GFLOP/s")
-        print(f"  ganprint / matmul      {res['ratio_ganprint_over_matmul']:.3f}  (target <= 1.2; CPU time "
-              f"{res['cpu_ratio_ganprint_over_matmul']:.3f})")
+        print(f"  ganprint / matmul      {fmt(res['ratio_ganprint_over_matmul'])}  (target <= 1.2; CPU time "
+              f"{fmt(res['cpu_ratio_ganprint_over_matmul'])})")
         b = res["bf16"]
         if b is not None:
             print(f"  ganprint / matmul_bf16 {b['ratio_ganprint_over_matmul_bf16']:.3f}  (selection + float32 re-scoring "
-                  f"over the bf16 products; matmul / matmul_bf16 {b['ratio_matmul_over_matmul_bf16']:.3f})")
+                  f"over the bf16 products; matmul / matmul_bf16 {fmt(b['ratio_matmul_over_matmul_bf16'])})")
             print(f"  bf16 path              {b['rows_searched_again_fp32']} rows searched again in float32; "
                   f"{b['rescored_per_row']} keys re-scored per row; "
                   f"error bound <= {b['max_error_bound']:.4f}")
         if index is not None:
             print(f"  faiss / ganprint       {res['ratio_faiss_over_ganprint']:.3f}  (target >= 3; CPU time "
-                  f"{res['cpu_ratio_faiss_over_ganprint']:.3f}; faiss / matmul {res['ratio_faiss_over_matmul']:.3f} "
+                  f"{res['cpu_ratio_faiss_over_ganprint']:.3f}; faiss / matmul {fmt(res['ratio_faiss_over_matmul'])} "
                   "bounds it)")
             print(f"  top-k vs faiss         {wrong} of {len(check_rows)} sampled rows differ in values "
                   f"(max |diff| {max_abs:.1e}); {mismatched} in index order (near-ties rounded differently)")
         print(f"  tile {res['tile_mib']} MiB; the full matrix would be {res['full_matrix_mib']:,} MiB; "
               f"RSS before the runs (libraries + inputs) {res['inputs_mib']} MiB")
+        if key_prep is not None:
+            print(f"  bf16 keys prepared once in {prep_s:.2f} s (counted in ganprint's time)")
+        if ivf is not None:
+            print(f"  faiss-ivf (default)    {ivf['seconds']:8.2f} s  (CPU {ivf['cpu_seconds']:.2f} s; index, calibration "
+                  f"and search); nlist {ivf['nlist']}, nprobe {ivf['nprobe']}")
+            print(f"  faiss-ivf recall@{k}     {ivf['recall_at_k_all_rows']:.4f} on all {n:,} rows vs the exact top-k "
+                  f"(target >= 0.99; its own held-out estimate {ivf['recall_at_k']:.4f} on {ivf['recall_sample']} rows)")
+            print(f"  exact / faiss-ivf      {ivf['speedup_over_ganprint_exact']:.3f}  (the IVF speed-up; CPU time "
+                  f"{ivf['cpu_speedup_over_ganprint_exact']:.3f})")
+        if noisy is not None:
+            print("  noisy neighbour        CPU time growth with one core kept busy (target: ganprint <= 1.3): "
+                  + ", ".join(f"{p} {v:.2f}x" for p, v in noisy["cpu_growth"].items()))
         print(f"  load average before/after: {res['loadavg_before_after']}")
     return 0
 

@@ -166,22 +166,37 @@ def run_embed(
     force: bool = False,
     stdin=None,
     progress: bool = True,
-) -> EmbedOutcome:
-    """Embed ``inputs`` (folders / files / ``-``) and write the artifact ``out``."""
+    group=None,
+) -> EmbedOutcome | None:
+    """Embed ``inputs`` (folders / files / ``-``) and write the artifact ``out``.
+
+    ``group``: a :class:`ganprint.distributed.Group` under torchrun (call as ``group.run(run_embed,
+    ..., group=group)``): each rank hashes and embeds a shard of the manifest, rank 0 gathers and
+    writes the one artifact (the same as one process') and returns the outcome; the others None."""
     import torch
 
     from ganprint.backbones import get_backbone, load_backbone
     from ganprint.device import resolve_device
 
     t0 = time.perf_counter()
+    g = group if group is not None and group.enabled else None
+    main = g is None or g.is_main
     if batch_size < 1:
         raise GanprintError(f"--batch-size {batch_size}: must be at least 1")
+    if g is not None and "-" in inputs:
+        raise GanprintError("reading paths from stdin (-) does not work under torchrun; pass folders or files")
     get_backbone(backbone)  # an unknown name fails before any file is read
     tpath, _ = artifact_paths(out)
-    ensure_writable(out)
+    if main:  # under torchrun only rank 0 writes (OUT need not exist on other nodes)
+        ensure_writable(out)
     records, skipped = discover(list(inputs), stdin=stdin, skip_bad=skip_bad)
-    dev = resolve_device(device)
-    hashes = hash_records(records)
+    dev = resolve_device(device) if g is None else g.device
+    if g is None:
+        hashes = hash_records(records)
+    else:
+        from ganprint.distributed import sharded_hashes
+
+        hashes = sharded_hashes(g, records, hash_records)
     if checkpoint is not None:  # its weights replace the backbone's: fetch none, use its image size
         from ganprint.checkpoint import checkpoint_load_args
 
@@ -203,35 +218,66 @@ def run_embed(
         "checkpoint": ckpt_prov,
         "skip_bad": skip_bad,
     })
-    if not force and tpath.exists():
+    old = {}
+    if main and not force and tpath.exists():
         try:
             old = read_provenance(out)
         except ArtifactError:
             old = {}
-        if old.get("cache_key") == key:
-            return EmbedOutcome(artifact_base(out), True, int(old.get("rows", 0)),
-                                int(old.get("dim", 0)), [], time.perf_counter() - t0, 0.0, old)
+    reuse = old.get("cache_key") == key
+    if g is not None:  # loading may fail on one rank: agree first, then take rank 0's answer
+        g.check(None)
+        reuse = bool(g.broadcast_int(int(reuse)))
+    if reuse:
+        return EmbedOutcome(artifact_base(out), True, int(old.get("rows", 0)),
+                            int(old.get("dim", 0)), [], time.perf_counter() - t0, 0.0, old) if main else None
 
-    nworkers = default_workers() if workers is None else max(0, workers)
+    if workers is None and g is not None:  # the ranks of one node share its cores
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        nworkers = max(0, min(4, (os.cpu_count() or 1) // local - 1))
+    else:
+        nworkers = default_workers() if workers is None else max(0, workers)
     model = model.to(dev)
     channels_last = loaded.spec.channels_last and dev.type != "mps"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     t_run = time.perf_counter()
-    if progress:
+
+    def extract(recs, on_batch=None):
+        got = extract_features(model, recs, loaded.preprocess, dev, batch_size, nworkers, channels_last,
+                               on_batch=on_batch)
+        if g is not None and got[3] and not skip_bad:  # fail this rank now; the others learn it at once
+            first = min(got[3])
+            raise BadImageError(recs[first].path, got[3][first])
+        return got
+
+    def extract_all(recs, on_batch=None):
+        if g is None:
+            return extract(recs, on_batch)
+        from ganprint.distributed import sharded_extract
+
+        return sharded_extract(g, lambda shard: extract(shard, on_batch), recs, batch_size)
+
+    if progress and main:
         from ganprint.progress import make_progress
 
-        bar = make_progress(f"embed ({backbone})")
+        bar = make_progress(f"embed ({backbone})" + ("" if g is None else f", rank 0 of {g.world}"))
         with bar:
-            task = bar.add_task("embed", total=len(records))
-            feats, kept, sizes, bad = extract_features(
-                model, records, loaded.preprocess, dev, batch_size, nworkers, channels_last,
-                on_batch=lambda n: bar.advance(task, n))
+            if g is None:
+                total = len(records)
+            else:  # rank 0 sees its own shard's progress
+                from ganprint.distributed import batch_shard_bounds
+
+                total = batch_shard_bounds(len(records), batch_size, 0, g.world)[1]
+            task = bar.add_task("embed", total=total)
+            got = extract_all(records, on_batch=lambda n: bar.advance(task, n))
     else:
-        feats, kept, sizes, bad = extract_features(model, records, loaded.preprocess, dev, batch_size,
-                                                   nworkers, channels_last)
+        got = extract_all(records)
     elapsed = time.perf_counter() - t_run
+    if got is None:  # under torchrun, not rank 0: rank 0 writes
+        return None
+    feats, kept, sizes, bad = got
     if bad:
         first = min(bad)
         if not skip_bad:

@@ -39,7 +39,10 @@ bf16 copies (half their size) live for the call; tiles are bf16 [block, 16 * blo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
+
+from ganprint.tiles import _one_thread, _tiles
 
 U = 2.0 ** -8  # bf16 unit roundoff: 8 significant bits, round to nearest even
 CAP = 256  # candidates a row may collect before it is searched again in float32
@@ -86,6 +89,41 @@ def _rounded(x, mu=None):
     return x16, err, n, n16
 
 
+@dataclass
+class Bf16Keys:
+    """The keys of a bf16 search, prepared once (:func:`prepare_keys`) and reused by every query
+    slice: ``k16`` bf16 [K, D] (centred), ``mu`` float32 [D] or None (no keys), and the float64
+    maxima over keys of |k16 - k|, |k| and |k16| that enter each query's error bound."""
+
+    k16: Any
+    mu: Any
+    err_max: float
+    norm_max: float
+    norm16_max: float
+
+    @property
+    def rows(self) -> int:
+        return int(self.k16.shape[0])
+
+
+def prepare_keys(keys) -> Bf16Keys:
+    """Centre and round the keys [K, D] (float32, unit-norm) once per search (see :func:`prepare`)."""
+    mu = keys.mean(0) if keys.shape[0] else None
+    k16, e_k, n_k, n_k16 = _rounded(keys, mu)
+    e_o, n_o, n_o16 = (float(v.max()) if len(v) else 0.0 for v in (e_k, n_k, n_k16))
+    return Bf16Keys(k16, mu, e_o, n_o, n_o16)
+
+
+def prepare_queries(queries, pk: Bf16Keys):
+    """(q16 bf16 [Q, D], delta float64 [Q]): the queries' bf16 copy and error bounds against ``pk``."""
+    d = queries.shape[1]
+    q16, e_q, n_q, n_q16 = _rounded(queries)
+    gamma = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+    e_o, n_o, n_o16 = pk.err_max, pk.norm_max, pk.norm16_max
+    delta = (e_q * n_o16 + n_q * (e_o + 2.0 ** -23 * n_o) + gamma * n_q16 * n_o16) * (1 + 2.0 ** -10) + SLACK
+    return q16, delta
+
+
 def prepare(queries, keys):
     """bf16 operands and error bounds: (q16 [Q, D], k16 [K, D], mu [D], delta float64 [Q]) with
     |A - q_i.(k_j - mu)| <= delta_i + u|A| for A = the bf16 product of q16_i and k16_j.
@@ -93,15 +131,11 @@ def prepare(queries, keys):
     The keys are centred first: q.(k - mu) = q.k - q.mu orders each query's keys exactly like
     q.k, but |k - mu| is smaller, and with it the rounding error, when the embeddings crowd
     around a common direction (as CNN features do; random vectors are not hurt).  The float32
-    subtraction k - mu adds at most 2^-24 |k - mu| per key (the 2^-23 term)."""
-    d = queries.shape[1]
-    mu = keys.mean(0) if keys.shape[0] else None
-    q16, e_q, n_q, n_q16 = _rounded(queries)
-    k16, e_k, n_k, n_k16 = _rounded(keys, mu)
-    e_o, n_o, n_o16 = (float(v.max()) if len(v) else 0.0 for v in (e_k, n_k, n_k16))
-    gamma = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
-    delta = (e_q * n_o16 + n_q * (e_o + 2.0 ** -23 * n_o) + gamma * n_q16 * n_o16) * (1 + 2.0 ** -10) + SLACK
-    return q16, k16, mu, delta
+    subtraction k - mu adds at most 2^-24 |k - mu| per key (the 2^-23 term).  The key side
+    (:func:`prepare_keys`) does not depend on the queries, so slices of queries can share it."""
+    pk = prepare_keys(keys)
+    q16, delta = prepare_queries(queries, pk)
+    return q16, pk.k16, pk.mu, delta
 
 
 def _lower_bound(t, delta):
@@ -260,21 +294,26 @@ class _Collector:
 
 
 def bf16_topk(queries, keys, k: int, *, block: int, key_factor: int, exclude=None, cap: int = CAP,
-              run: int = RUN, stats: dict[str, Any] | None = None):
+              run: int = RUN, stats: dict[str, Any] | None = None, prepared: Bf16Keys | None = None):
     """Exact top-k of unit-norm ``keys`` [K, D] for each unit-norm query [Q, D] (cosine), on CPU.
 
     ``exclude`` int64 [Q]: a key index to skip per query (-1: none).  Returns (values float32
     [Q, k], indices int64 [Q, k], rows int64 [U]: the queries that were not certified and must
     be searched again in float32).  ``stats`` (optional) receives counts for benchmarks.
+    ``prepared``: :func:`prepare_keys` of these ``keys``, when several calls (query slices,
+    ranks) search the same keys; else they are prepared here.
     Tiles are [block, key_factor * block] bf16 values (2 bytes each).
     """
     import torch
 
-    from ganprint.similarity import _one_thread, _tiles
-
     nq, nk = queries.shape[0], keys.shape[0]
     cap = max(cap, 4 * k)
-    q16, k16, _, delta = prepare(queries, keys)
+    if prepared is None:
+        prepared = prepare_keys(keys)
+    elif prepared.rows != nk or prepared.k16.shape[1] != keys.shape[1]:
+        raise ValueError(f"prepared keys are [{prepared.rows}, {prepared.k16.shape[1]}], the keys {tuple(keys.shape)}")
+    k16 = prepared.k16
+    q16, delta = prepare_queries(queries, prepared)
     qblock, kblock = block, block * key_factor
     buf = torch.empty(min(qblock, nq) * min(kblock, nk), dtype=torch.bfloat16)
     out_v = torch.full((nq, k), -math.inf)

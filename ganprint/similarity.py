@@ -23,7 +23,6 @@ Public API (library first; the CLI module only parses options):
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -40,9 +39,9 @@ from ganprint.artifacts import (
     write_artifact,
 )
 from ganprint.errors import ArtifactError, GanprintError
+from ganprint.tiles import _one_thread, _tiles  # noqa: F401  (re-exported for bench/)
 
 METRICS = ("cosine", "l2")
-ENGINES = ("torch", "faiss")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_K = 10
 DEFAULT_BLOCK = 1024
@@ -127,25 +126,6 @@ def _check_metric(metric: str) -> None:
         raise GanprintError(f"--metric {metric}: unknown; use one of {', '.join(METRICS)}")
 
 
-@contextlib.contextmanager
-def _one_thread(device):
-    """Run the selection on one thread.  With two, each of its ~10 small ops ends in a barrier,
-    and when other jobs share the cores a descheduled partner thread makes every barrier cost a
-    time slice: on a loaded 2-core box the selection cost 1.48x the matmul with two threads,
-    1.19x with one (the matmul keeps both)."""
-    import torch
-
-    if getattr(device, "type", device) != "cpu":
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def _select_rows(x, k: int, chunk: int):
     """Exact top-k per row of ``x`` [n, m] (k <= m): (values [n, k], column positions [n, k]),
     unsorted.  Runs of ``chunk`` columns are reduced to their maxima, the k best runs kept, and
@@ -207,11 +187,6 @@ class _RowTopK:
             return v, torch.cat([old_i, p1 + col0], 1).gather(1, p)
 
 
-def _tiles(n: int, size: int):
-    for s in range(0, n, size):
-        yield s, min(n, s + size)
-
-
 def _sim_tile(q, kb, qsq, ksq, metric: str, buf):
     """Similarity tile [nq, nk] into ``buf``: cosine = q.k (inputs unit-norm); l2 = -|q - k|^2."""
     import torch
@@ -249,6 +224,7 @@ def topk_search(
     prepared: bool = False,
     precision: str = "fp32",
     stats: dict[str, Any] | None = None,
+    key_prep: Any = None,
 ) -> tuple[TopK, TopK | None, Any]:
     """Exact top-k of ``keys`` for every query, streaming over tiles.
 
@@ -259,6 +235,8 @@ def topk_search(
     (+ the matrix when asked for).  ``precision``: fp32 tiles, or bf16 tiles with certified
     float32 re-scoring (:mod:`ganprint.prefilter`; exact too), or auto (see
     :func:`resolve_precision`).  ``stats`` (optional) receives the bf16 path's counts.
+    ``key_prep``: ``prefilter.prepare_keys(keys)`` when several calls search the same keys with
+    bf16 tiles (query slices): the keys are then centred and rounded once (the fp32 path ignores it).
     """
     import torch
 
@@ -278,7 +256,8 @@ def topk_search(
         raise GanprintError(f"top-k search needs at least {1 + n_ex} key rows, got {nk_all}")
     if resolve_precision(precision, metric, dev, matrix=matrix, size=nq_all * nk_all,
                          exclude_keys=n_ex > 0 and key_k > 0) == "bf16":
-        return _topk_bf16(queries, keys, k, block=block, exclude=exclude, key_k=key_k, chunk=chunk, stats=stats)
+        return _topk_bf16(queries, keys, k, block=block, exclude=exclude, key_k=key_k, chunk=chunk, stats=stats,
+                          key_prep=key_prep)
     keys_d = keys.to(dev)
     ksq = (keys_d * keys_d).sum(1) if metric == "l2" else None
     qblock, kblock = block, block * KEY_BLOCK_FACTOR
@@ -343,22 +322,23 @@ def resolve_precision(precision: str, metric: str, device: Any, *, matrix: bool 
     return "bf16" if bf16_native() else "fp32"
 
 
-def _topk_bf16(queries, keys, k: int, *, block: int, exclude, key_k: int, chunk: int, stats):
+def _topk_bf16(queries, keys, k: int, *, block: int, exclude, key_k: int, chunk: int, stats, key_prep=None):
     """topk_search's bf16 path (cosine, CPU, unit-norm inputs): both directions, each certified,
     uncertified rows searched again with float32 tiles."""
     import torch
 
     from ganprint.prefilter import bf16_topk
 
-    def one_way(qs, ks, kk, ex):
-        v, i, redo = bf16_topk(qs, ks, kk, block=block, key_factor=BF16_KEY_BLOCK_FACTOR, exclude=ex, stats=stats)
+    def one_way(qs, ks, kk, ex, prep=None):
+        v, i, redo = bf16_topk(qs, ks, kk, block=block, key_factor=BF16_KEY_BLOCK_FACTOR, exclude=ex, stats=stats,
+                               prepared=prep)
         if len(redo):
             again, _, _ = topk_search(qs[redo], ks, kk, block=block, exclude=None if ex is None else
                                       torch.as_tensor(ex)[redo], chunk=chunk, prepared=True, precision="fp32")
             v[redo], i[redo] = again.values, again.indices
         return TopK(v, i)
 
-    res = one_way(queries, keys, k, exclude)
+    res = one_way(queries, keys, k, exclude, key_prep)
     kres = one_way(keys, queries, key_k, None) if key_k > 0 else None
     return res, kres, None
 
@@ -371,7 +351,7 @@ def faiss_topk(queries, keys, k: int, *, metric: str = "cosine", exclude=None, p
     try:
         import faiss
     except ImportError:
-        raise GanprintError("--engine faiss: faiss is not installed; pip install faiss-cpu (or use --engine torch)") from None
+        raise GanprintError("--engine faiss: faiss is not installed; pip install faiss-cpu (or use --engine exact)") from None
     _check_metric(metric)
     if not prepared:
         queries, keys = _prepare(queries, metric), _prepare(keys, metric)
@@ -427,6 +407,118 @@ def count_at_least(queries, keys, thresholds, *, metric: str = "cosine", block: 
 
 
 # ---------------------------------------------------------------------------------------------
+# search engines (``--engine``): a registry
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A search engine: ``search(queries, keys, k, *, key_k, metric, block, device, exclude, matrix,
+    precision, info) -> (TopK [Q, k], TopK [K, key_k] or None, matrix [K, Q] or None)``, the
+    contract of :func:`topk_search` (inputs prepared); ``info`` (a dict) receives what the engine
+    wants in the provenance, per direction (``"queries"``, ``"keys"``).  ``exact``: the top-k is
+    exact.  ``requires``: a module it imports (checked before any loading)."""
+
+    name: str
+    search: Any
+    exact: bool
+    help: str
+    requires: str | None = None
+
+
+ENGINES: dict[str, Engine] = {}
+ENGINE_ALIASES = {"torch": "exact"}  # the name before the registry; artifacts record the canonical one
+
+
+def register_engine(engine: Engine) -> Engine:
+    """Add ``engine`` to :data:`ENGINES` (a new, well-formed name and a callable search)."""
+    if not isinstance(engine, Engine) or not engine.name or not engine.name.replace("-", "").isalnum():
+        raise ValueError(f"not a valid engine: {engine!r}")
+    if engine.name in ENGINES or engine.name in ENGINE_ALIASES:
+        raise ValueError(f"engine {engine.name!r} is already registered")
+    if not callable(engine.search):
+        raise ValueError(f"engine {engine.name!r}: search is not callable")
+    ENGINES[engine.name] = engine
+    return engine
+
+
+def get_engine(name: str) -> Engine:
+    """The engine called ``name`` (or an alias); a clear error when unknown or not installed."""
+    eng = ENGINES.get(ENGINE_ALIASES.get(name, name))
+    if eng is None:
+        raise GanprintError(f"--engine {name}: unknown; use one of {', '.join(ENGINES)}")
+    if eng.requires:
+        import importlib
+
+        try:
+            importlib.import_module(eng.requires)
+        except ImportError:
+            raise GanprintError(f"--engine {eng.name}: {eng.requires} is not installed; pip install faiss-cpu "
+                                "(or use --engine exact)") from None
+    return eng
+
+
+def _exact_search(queries, keys, k, *, key_k=0, metric="cosine", block=DEFAULT_BLOCK, device="cpu", exclude=None,
+                  matrix=False, precision="auto", info=None):
+    return topk_search(queries, keys, k, metric=metric, block=block, device=device, exclude=exclude, key_k=key_k,
+                       matrix=matrix, prepared=True, precision=precision)
+
+
+def _matrix(queries, keys, *, metric, block, device):
+    _, _, mat = topk_search(queries, keys, 1, metric=metric, block=block, device=device, matrix=True, prepared=True)
+    return mat
+
+
+def _faiss_flat_search(queries, keys, k, *, key_k=0, metric="cosine", block=DEFAULT_BLOCK, device="cpu",
+                       exclude=None, matrix=False, precision="auto", info=None):
+    res = faiss_topk(queries, keys, k, metric=metric, exclude=exclude, prepared=True)
+    kres = faiss_topk(keys, queries, key_k, metric=metric, prepared=True) if key_k > 0 else None
+    mat = _matrix(queries, keys, metric=metric, block=block, device=device) if matrix else None
+    return res, kres, mat
+
+
+IVF_RECALL = 0.99  # the faiss-ivf engine's default target recall@k (calibrated; see ganprint/ivf.py)
+
+
+def _faiss_ivf_search(queries, keys, k, *, key_k=0, metric="cosine", block=DEFAULT_BLOCK, device="cpu",
+                      exclude=None, matrix=False, precision="auto", info=None, recall=None):
+    """Approximate both ways (faiss IndexIVFFlat), each direction's recall@k measured against the
+    exact engine on held-out sampled queries (:func:`ganprint.ivf.ivf_topk`)."""
+    import torch
+
+    from ganprint.ivf import ivf_topk
+
+    target = IVF_RECALL if recall is None else recall
+
+    def one_way(qs, ks, kk, ex, name):
+        if kk > ks.shape[0] - (0 if ex is None else 1):
+            kk = ks.shape[0] - (0 if ex is None else 1)
+        exx = None if ex is None else torch.as_tensor(ex, dtype=torch.long)
+
+        def exact(rows):
+            r, _, _ = topk_search(qs[rows], ks, kk, metric=metric, block=block, device=device, prepared=True,
+                                  exclude=None if exx is None else exx[rows], precision=precision)
+            return r.indices
+
+        v, i, meta = ivf_topk(qs, ks, kk, metric=metric, exclude=exx, exact=exact, recall=target,
+                              threads=torch.get_num_threads())
+        if info is not None:
+            info[name] = meta
+        return TopK(v, i)
+
+    res = one_way(queries, keys, k, exclude, "queries")
+    kres = one_way(keys, queries, key_k, None, "keys") if key_k > 0 else None
+    mat = _matrix(queries, keys, metric=metric, block=block, device=device) if matrix else None
+    return res, kres, mat
+
+
+register_engine(Engine("exact", _exact_search, True, "exact, blocked torch tiles (--precision applies) [default]"))
+register_engine(Engine("faiss", _faiss_flat_search, True, "exact, faiss' flat index (IndexFlatIP / L2)", "faiss"))
+register_engine(Engine("faiss-ivf", _faiss_ivf_search, False,
+                       "approximate, faiss IndexIVFFlat; nprobe calibrated to recall@k >= 0.99, the recall on "
+                       "held-out queries stored in the provenance", "faiss"))
+
+
+# ---------------------------------------------------------------------------------------------
 # in-memory similarity tensors
 
 
@@ -441,9 +533,11 @@ def compute_similarity(
     full: bool | None = None,
     block: int = DEFAULT_BLOCK,
     device: Any = "cpu",
-    engine: str = "torch",
+    engine: str = "exact",
     realref: bool = True,
     precision: str = "auto",
+    realref_precision: str | None = None,
+    info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """All tensors of a similarity artifact (see docs/ARTIFACTS.md) from embeddings.
 
@@ -452,13 +546,15 @@ def compute_similarity(
     real image r (same file), or -1.  ``full`` None = store the matrix [G, R] when G*R <= 4M.
     Returns ``real_topk_values/indices`` [R, k] (into G), ``gen_topk_values/indices`` [G, k'] (into
     R), ``matrix`` [G, R] if full, ``realref_topk_values/indices`` [R, k''] if ``realref``.
-    ``precision`` (torch engine): see :func:`resolve_precision`; every choice gives the exact top-k.
+    ``precision`` (exact engine): see :func:`resolve_precision`; every choice gives the exact top-k;
+    ``realref_precision`` the same for the real x reference search [default: ``precision``].
+    ``engine``: a name in :data:`ENGINES`; ``info`` (optional dict) receives the engine's notes
+    per tensor (``real_topk``, ``gen_topk``, ``realref_topk``: e.g. faiss-ivf's measured recall).
     """
     import torch
 
     _check_metric(metric)
-    if engine not in ENGINES:
-        raise GanprintError(f"--engine {engine}: unknown; use torch or faiss")
+    eng = get_engine(engine)
     if k < 1:
         raise GanprintError(f"--k {k}: must be at least 1")
     g, r = _prepare(gen, metric), _prepare(real, metric)
@@ -469,15 +565,9 @@ def compute_similarity(
     if full is None:
         full = len(g) * len(r) <= FULL_AUTO_MAX
     out: dict[str, Any] = {}
-    if engine == "faiss":
-        rt = faiss_topk(r, g, k, metric=metric, prepared=True)
-        gt = faiss_topk(g, r, k, metric=metric, prepared=True)
-        mat = None
-        if full:
-            _, _, mat = topk_search(r, g, 1, metric=metric, block=block, device=device, matrix=True, prepared=True)
-    else:
-        rt, gt, mat = topk_search(r, g, k, metric=metric, block=block, device=device, key_k=k,
-                                  matrix=full, prepared=True, precision=precision)
+    notes: dict[str, Any] = {}
+    rt, gt, mat = eng.search(r, g, k, key_k=k, metric=metric, block=block, device=device, matrix=full,
+                             precision=precision, info=notes)
     out["real_topk_values"], out["real_topk_indices"] = rt.values, rt.indices
     out["gen_topk_values"], out["gen_topk_indices"] = gt.values, gt.indices
     if mat is not None:
@@ -492,14 +582,17 @@ def compute_similarity(
                 raise GanprintError(f"embedding sizes differ: reference {keys.shape[1]} vs real {r.shape[1]}")
         needed = 2 if (excl is not None and bool((excl >= 0).any())) else 1
         if len(keys) >= needed:
-            if engine == "faiss" and excl is not None:
-                rr = faiss_topk(r, keys, k, metric=metric, exclude=excl, prepared=True)
-            elif engine == "faiss":
-                rr = faiss_topk(r, keys, k, metric=metric, prepared=True)
-            else:
-                rr, _, _ = topk_search(r, keys, k, metric=metric, block=block, device=device,
-                                       exclude=excl, prepared=True, precision=precision)
+            ref_notes: dict[str, Any] = {}
+            rr, _, _ = eng.search(r, keys, k, metric=metric, block=block, device=device, exclude=excl,
+                                  precision=precision if realref_precision is None else realref_precision,
+                                  info=ref_notes)
             out["realref_topk_values"], out["realref_topk_indices"] = rr.values, rr.indices
+            if "queries" in ref_notes:
+                notes["realref"] = ref_notes["queries"]
+    if info is not None:
+        for src, dst in (("queries", "real_topk"), ("keys", "gen_topk"), ("realref", "realref_topk")):
+            if src in notes:
+                info[dst] = notes[src]
     return out
 
 
@@ -591,10 +684,11 @@ def run_simmatrix(
     full: bool | None = None,
     block: int = DEFAULT_BLOCK,
     device: str = "auto",
-    engine: str = "torch",
+    engine: str = "exact",
     realref: bool = True,
     precision: str = "auto",
-) -> SimmatrixOutcome:
+    group: Any = None,
+) -> SimmatrixOutcome | None:
     """Read embeddings artifacts, compute similarity, write the similarity artifact ``out``.
 
     Either ``dataset`` (its ``generated`` subset is G, every ``real_*`` subset is R) or
@@ -602,6 +696,9 @@ def run_simmatrix(
     R: the ``real_*`` subsets if present, else all non-generated rows).  ``reference``: an
     embeddings artifact of known non-members (its label-0 rows if labelled) for the real x
     reference top-k; without it that top-k is real x real with self excluded.
+    ``group``: a :class:`ganprint.distributed.Group` under torchrun (call as ``group.run(run_simmatrix,
+    ..., group=group)``): G is split across the ranks, rank 0 merges the top-k exactly, writes the
+    artifact and returns the outcome; the others return None.
     """
     import numpy as np
     import pandas as pd
@@ -611,13 +708,11 @@ def run_simmatrix(
 
     t0 = time.perf_counter()
     _check_metric(metric)
-    if engine not in ENGINES:
-        raise GanprintError(f"--engine {engine}: unknown; use torch or faiss")
-    if engine == "faiss":
-        try:
-            import faiss  # noqa: F401
-        except ImportError:
-            raise GanprintError("--engine faiss: faiss is not installed; pip install faiss-cpu (or use --engine torch)") from None
+    eng = get_engine(engine)
+    g = group if group is not None and group.enabled else None
+    if g is not None and not eng.exact:
+        raise GanprintError(f"--engine {eng.name} runs in one process (its recall is measured per search); "
+                            "run it without torchrun, or use --engine exact")
     if k < 1:
         raise GanprintError(f"--k {k}: must be at least 1")
     if block < 1:
@@ -626,8 +721,9 @@ def run_simmatrix(
         raise GanprintError("give either a DATASET artifact or --generated and --real, not both")
     if dataset is None and (generated is None or real is None):
         raise GanprintError("give a DATASET embeddings artifact, or both --generated G and --real R")
-    _check_writable(out)
-    dev = resolve_device(device)
+    if g is None or g.is_main:  # under torchrun only rank 0 writes
+        _check_writable(out)
+    dev = resolve_device(device) if g is None else g.device
     resolve_precision(precision, metric, dev)  # a bad --precision fails before any loading
 
     if dataset is not None:
@@ -668,9 +764,22 @@ def run_simmatrix(
 
     gen_emb = gart.tensor("embeddings")[torch.as_tensor(g_rows)]
     real_emb = rart.tensor("embeddings")[torch.as_tensor(r_rows)]
-    tensors = compute_similarity(gen_emb, real_emb, ref=ref_emb, ref_exclude=ref_exclude, metric=metric, k=k,
-                                 full=full, block=block, device=dev, engine=engine, realref=realref,
-                                 precision=precision)
+    notes: dict[str, Any] = {}
+    if g is None:
+        tensors = compute_similarity(gen_emb, real_emb, ref=ref_emb, ref_exclude=ref_exclude, metric=metric, k=k,
+                                     full=full, block=block, device=dev, engine=engine, realref=realref,
+                                     precision=precision, info=notes)
+    else:
+        from ganprint.distributed import sharded_similarity
+
+        # decided for the whole search, as one process would: the shards must not choose alone
+        full = len(g_rows) * len(r_rows) <= FULL_AUTO_MAX if full is None else full
+        main_prec = resolve_precision(precision, metric, dev, matrix=full, size=len(g_rows) * len(r_rows))
+        tensors = sharded_similarity(g, compute_similarity, gen_emb, real_emb, k=k, full=full, realref=realref,
+                                     ref=ref_emb, ref_exclude=ref_exclude, metric=metric, block=block, device=dev,
+                                     engine=engine, precision=main_prec, realref_precision=precision)
+        if tensors is None:  # not rank 0: rank 0 writes
+            return None
     tensors["gen_rows"] = torch.as_tensor(g_rows, dtype=torch.long)
     tensors["real_rows"] = torch.as_tensor(r_rows, dtype=torch.long)
     if ref_rows is not None:
@@ -697,8 +806,10 @@ def run_simmatrix(
         k=kk,
         k_requested=k,
         full="matrix" in tensors,
-        engine=engine,
-        precision=None if engine != "torch" else resolve_precision(
+        engine=eng.name,
+        engine_exact=eng.exact,
+        engine_info=notes or None,
+        precision=None if eng.name != "exact" else resolve_precision(
             precision, metric, dev, matrix="matrix" in tensors, size=len(g_rows) * len(r_rows)),
         block=block,
         device=dev.type,

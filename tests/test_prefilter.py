@@ -181,3 +181,20 @@ def test_cnn_like_embeddings_match_float64_truth():
     truth = (q.double() @ keys.double().t()).topk(10, dim=1)
     assert torch.equal(a.indices.sort(1).values, truth.indices.sort(1).values)
     assert torch.allclose(a.values.double(), truth.values, atol=1e-6, rtol=0)
+
+
+def test_keys_prepared_once_serve_every_query_slice(monkeypatch):
+    """One prepare_keys for the whole search; slices of queries searched with it = one search."""
+    q, keys = unit(300, 64, 20), unit(3000, 64, 21)
+    whole, _, _ = topk_search(q, keys, 10, block=32, prepared=True, precision="bf16")
+    calls = []
+    real_prepare = prefilter.prepare_keys
+    monkeypatch.setattr(prefilter, "prepare_keys", lambda x: calls.append(len(x)) or real_prepare(x))
+    pk = prefilter.prepare_keys(keys)
+    parts = [topk_search(q[s:s + 70], keys, 10, block=32, prepared=True, precision="bf16", key_prep=pk)[0]
+             for s in range(0, 300, 70)]
+    assert calls == [3000]  # the keys were centred and rounded once, not once per slice
+    assert torch.equal(torch.cat([p.indices for p in parts]), whole.indices)
+    assert torch.equal(torch.cat([p.values for p in parts]), whole.values)
+    with pytest.raises(ValueError, match="prepared keys"):
+        bf16_topk(q, keys[:100], 5, block=32, key_factor=4, prepared=pk)

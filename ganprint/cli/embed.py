@@ -27,15 +27,23 @@ def embed(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the artifact path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Embed images with a pretrained backbone. Prints the artifact path (for pipes)."""
+    """Embed images with a pretrained backbone. Prints the artifact path (for pipes).
+
+    Data-parallel under torchrun: `torchrun --nproc-per-node N -m ganprint embed ...` (each rank a
+    shard of the manifest, rank 0 writes the artifact)."""
+    from ganprint.distributed import join, quiet_rank
     from ganprint.embed import run_embed
     from ganprint.progress import log
 
-    res = run_embed(
-        data, out, backbone=backbone, weights=weights, image_size=image_size,
-        checkpoint=str(checkpoint) if checkpoint else None, device=device, batch_size=batch_size,
-        workers=workers, skip_bad=skip_bad, force=force, progress=not quiet,
-    )
+    group = join(device)
+    with quiet_rank(group):
+        res = group.run(
+            run_embed, data, out, backbone=backbone, weights=weights, image_size=image_size,
+            checkpoint=str(checkpoint) if checkpoint else None, device=device, batch_size=batch_size,
+            workers=workers, skip_bad=skip_bad, force=force, progress=not quiet, group=group,
+        )
+    if res is None:  # under torchrun, ranks other than 0 report nothing
+        return
     for s in res.skipped:
         log(f"[yellow]warning[/yellow]: skipped {s['path']}: {s['reason']}")
     for w in res.warnings:

@@ -25,7 +25,9 @@ def simmatrix(
                                                                        "[default: when G*R <= 4M]."),
     block: int = typer.Option(1024, "--block", help="Rows per tile; a tile is block x 16*block floats (64 MiB at 1024): bounds peak memory."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    engine: str = typer.Option("torch", "--engine", help="torch (exact, blocked) or faiss (exact flat index; needs faiss-cpu)."),
+    engine: str = typer.Option("exact", "--engine", help="exact (blocked torch tiles; 'torch' is an alias), faiss (exact "
+                                                         "flat index) or faiss-ivf (approximate: IVF, recall@k >= 0.99 "
+                                                         "calibrated and the held-out recall stored); faiss needs faiss-cpu."),
     precision: str = typer.Option("auto", "--precision", help="Tile precision of the torch engine, all exact: fp32, or "
                                                               "bf16 (cosine, CPU: bf16 tiles, float32 re-scoring of "
                                                               "certified candidates); auto = bf16 where the CPU has "
@@ -34,8 +36,12 @@ def simmatrix(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the artifact path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No log line."),
 ) -> None:
-    """Generated x real similarity (top-k both ways, full matrix when small). Prints the artifact path."""
+    """Generated x real similarity (top-k both ways, full matrix when small). Prints the artifact path.
+
+    Data-parallel under torchrun: `torchrun --nproc-per-node N -m ganprint simmatrix ...` (G split
+    across the ranks, top-k merged exactly, rank 0 writes)."""
     from ganprint.artifacts import resolve_artifact_arg
+    from ganprint.distributed import join, launched, quiet_rank
     from ganprint.errors import GanprintError
     from ganprint.progress import log
     from ganprint.similarity import run_simmatrix
@@ -51,9 +57,15 @@ def simmatrix(
     def res(a):
         return None if a is None else resolve_artifact_arg(a)
 
-    outcome = run_simmatrix(out, res(dataset), res(generated), res(real), res(reference), metric=metric, k=k,
-                            full=full, block=block, device=device, engine=engine, realref=realref,
-                            precision=precision)
+    if args and launched():
+        raise GanprintError("reading an artifact path from stdin (-) does not work under torchrun; pass the path")
+    group = join(device)
+    with quiet_rank(group):
+        outcome = group.run(run_simmatrix, out, res(dataset), res(generated), res(real), res(reference),
+                            metric=metric, k=k, full=full, block=block, device=device, engine=engine,
+                            realref=realref, precision=precision, group=group)
+    if outcome is None:  # under torchrun, ranks other than 0 report nothing
+        return
     if not quiet:
         ref = f", reference {outcome.n_reference}" if outcome.n_reference is not None else ""
         log(f"similarity {outcome.n_generated} generated x {outcome.n_real} real{ref} ({metric}, top-{outcome.k}"
@@ -62,7 +74,8 @@ def simmatrix(
     if as_json:
         print_json({"artifact": str(outcome.base), "generated": outcome.n_generated, "real": outcome.n_real,
                     "reference": outcome.n_reference, "k": outcome.k, "full": outcome.full, "metric": metric,
-                    "precision": outcome.provenance.get("precision"),
+                    "precision": outcome.provenance.get("precision"), "engine": outcome.provenance.get("engine"),
+                    "engine_info": outcome.provenance.get("engine_info"),
                     "seconds": round(outcome.seconds, 3)})
     else:
         typer.echo(str(outcome.base))
