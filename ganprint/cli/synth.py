@@ -49,6 +49,7 @@ def synth(
     z_dim: Optional[int] = typer.Option(None, "--z-dim", help="DCGAN latent size. [default: 64]"),
     lr: Optional[float] = typer.Option(None, "--lr", help=f"Adam learning rate (DCGAN: of both networks). [default: 2e-4{_ddpm('lr')}]"),
     ddpm_sample_steps: Optional[int] = typer.Option(None, "--ddpm-sample-steps", help="DDPM: DDIM sampling steps per image. [default: 10]"),
+    ddpm_train_t: Optional[str] = typer.Option(None, "--ddpm-train-t", help="DDPM: training timesteps: all (uniform over the 1000) or sampler (only the ones DDIM sampling visits). [default: all]"),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="Loss curve in synth.json: one point per this many steps. [default: 25]"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch; more rarely help this small GAN and stall on a busy machine. [default: 1]"),
@@ -78,6 +79,7 @@ def synth(
         log_every=log_every, device=device, threads=threads, copies=copies, copy_rotation=copy_rotation,
         copy_shift=copy_shift, copy_gamma_min=copy_gamma_min, copy_gamma_max=copy_gamma_max, copy_blur=copy_blur,
         copy_noise=copy_noise, ddpm_sample_steps=ddpm_sample_steps,
+        ddpm_train_t=ddpm_train_t,
     )
     res = run_synth(out, cfg, force=force, progress=not quiet)
     if not quiet:

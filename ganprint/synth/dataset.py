@@ -1,4 +1,8 @@
-"""``synth`` stage: real images -> member / non-member split -> GAN trained on members -> ImageCLEF layout.
+"""``synth`` stage: real images -> member / non-member split -> generator trained on members -> ImageCLEF layout.
+
+The generator is a small DCGAN (``--generator dcgan``, default) or a small diffusers DDPM
+(``--generator ddpm``), see :mod:`ganprint.synth.generators`; ``--copies F`` replaces a fraction
+of the samples by transformed replicas of members (:mod:`ganprint.synth.replicas`).
 
 Output (``OUT``)::
 
@@ -10,7 +14,7 @@ Output (``OUT``)::
     test_truth.csv          image_id,label   (image_id = file name without extension)
     replicas.csv            only with --copies F > 0: the generated images that are transformed
                             copies of members (see ganprint.synth.replicas)
-    generator.safetensors   the trained generator (architecture in its metadata)
+    generator.safetensors   the trained generator (DCGAN or DDPM; architecture in its metadata)
     synth.json              parameters, seed, counts, timings, loss curve, digests, image list
 
 All images are 8-bit palette PNGs (mode "P", grayscale palette) at ``size`` x ``size``, as the
@@ -81,6 +85,7 @@ class SynthConfig:
     copy_blur: float = 2.0  # largest down-sampling factor of the blur (1 = none)
     copy_noise: float = 6.0  # largest Gaussian noise sigma, gray levels
     ddpm_sample_steps: int = 10  # --generator ddpm: DDIM steps per sample
+    ddpm_train_t: str = "all"  # --generator ddpm: training timesteps, "all" or "sampler" (see ddpm.DdpmConfig)
 
     @property
     def replica_ranges(self):
@@ -124,6 +129,8 @@ def _validate(cfg: SynthConfig) -> None:
         ("--log-every", cfg.log_every, 1), ("--threads", cfg.threads if cfg.threads is not None else 1, 1),
         ("--ddpm-sample-steps", cfg.ddpm_sample_steps, 1),
     ]
+    if cfg.ddpm_train_t not in ("all", "sampler"):
+        raise GanprintError(f"--ddpm-train-t {cfg.ddpm_train_t}: use all or sampler")
     if cfg.generator not in GENERATOR_DEFAULTS:
         raise GanprintError(f"--generator {cfg.generator}: unknown generator; use one of {', '.join(GENERATOR_DEFAULTS)}")
     for name, value, lo in checks:

@@ -38,6 +38,9 @@ class DdpmConfig:
     train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     sample_steps: int = 10  # DDIM steps when sampling
+    # "all": timesteps uniform over 0..train_timesteps-1 (plain DDPM); "sampler": only the
+    # sample_steps timesteps the DDIM sampler visits, so a small budget is spent where sampling needs it
+    train_t: str = "all"
     log_every: int = 25
 
     def validate(self) -> None:
@@ -50,6 +53,8 @@ class DdpmConfig:
                         ("--ddpm-sample-steps", self.sample_steps)):
             if v < 1:
                 raise GanprintError(f"{name} {v}: must be at least 1")
+        if self.train_t not in ("all", "sampler"):
+            raise GanprintError(f"--ddpm-train-t {self.train_t}: use all or sampler")
         if self.sample_steps > self.train_timesteps:
             raise GanprintError(f"--ddpm-sample-steps {self.sample_steps}: more than the {self.train_timesteps} "
                                 "training timesteps; lower it")
@@ -101,6 +106,7 @@ def train_ddpm(images: np.ndarray, cfg: DdpmConfig, device, seed: int,
     gen_cpu = torch.Generator().manual_seed(seed + 1)
     model = build_unet(cfg).to(device)
     sched = DDPMScheduler(**cfg.scheduler_kwargs())
+    grid = sampler_timesteps(cfg) if cfg.train_t == "sampler" else None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data = to_unit(images).to(device)
     n, bs = data.shape[0], cfg.batch_size
@@ -110,7 +116,10 @@ def train_ddpm(images: np.ndarray, cfg: DdpmConfig, device, seed: int,
     model.train()
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(0, n, (bs,), generator=gen_cpu)
-        t = torch.randint(0, cfg.train_timesteps, (bs,), generator=gen_cpu)
+        if grid is None:
+            t = torch.randint(0, cfg.train_timesteps, (bs,), generator=gen_cpu)
+        else:
+            t = grid[torch.randint(0, len(grid), (bs,), generator=gen_cpu)]
         noise = torch.randn((bs, 1, cfg.res, cfg.res), generator=gen_cpu)
         x0 = data[idx.to(device)]
         noisy = sched.add_noise(x0, noise.to(device), t.to(device))
@@ -135,13 +144,25 @@ def train_ddpm(images: np.ndarray, cfg: DdpmConfig, device, seed: int,
     return DdpmResult(model=model.cpu(), curve=curve, seconds=seconds, steps_per_s=cfg.steps / max(seconds, 1e-9))
 
 
-def sample_ddpm(model, cfg: DdpmConfig, n: int, seed: int, device, batch_size: int = 250) -> np.ndarray:
-    """``n`` images uint8 [n, res, res]: DDIM (eta 0) in ``cfg.sample_steps`` steps from seeded noise."""
-    import torch
+def ddim_scheduler(cfg: DdpmConfig):
+    """The sampler: a DDIMScheduler on the training schedule, set to ``cfg.sample_steps`` steps."""
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler(**cfg.scheduler_kwargs())
     sched.set_timesteps(cfg.sample_steps)
+    return sched
+
+
+def sampler_timesteps(cfg: DdpmConfig):
+    """int64 [sample_steps]: the timesteps DDIM sampling visits."""
+    return ddim_scheduler(cfg).timesteps.clone()
+
+
+def sample_ddpm(model, cfg: DdpmConfig, n: int, seed: int, device, batch_size: int = 250) -> np.ndarray:
+    """``n`` images uint8 [n, res, res]: DDIM (eta 0) in ``cfg.sample_steps`` steps from seeded noise."""
+    import torch
+
+    sched = ddim_scheduler(cfg)
     noise = torch.randn((n, 1, cfg.res, cfg.res), generator=torch.Generator().manual_seed(seed))
     model = model.to(device).eval()
     out = []

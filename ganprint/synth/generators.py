@@ -81,7 +81,7 @@ def _ddpm_config(cfg):
     from ganprint.synth.ddpm import DdpmConfig
 
     return DdpmConfig(res=cfg.gan_res, width=cfg.gan_width, batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr,
-                      sample_steps=cfg.ddpm_sample_steps, log_every=cfg.log_every)
+                      sample_steps=cfg.ddpm_sample_steps, train_t=cfg.ddpm_train_t, log_every=cfg.log_every)
 
 
 def _ddpm_train(images, gcfg, device, seed, on_step):

@@ -23,7 +23,7 @@ REGIMES: dict[str, dict[str, Any]] = {
 # batch and learning rate are the DCGAN's).  The DDPM's fit a regime in a few CPU minutes.
 GENERATOR_DEFAULTS: dict[str, dict[str, Any]] = {
     "dcgan": {},
-    "ddpm": {"gan_res": 32, "gan_width": 16, "steps": 1200, "batch_size": 16, "lr": 1e-3},
+    "ddpm": {"gan_res": 16, "gan_width": 16, "steps": 1200, "batch_size": 16, "lr": 2e-3},
 }
 
 

@@ -109,7 +109,7 @@ def test_generator_defaults():
     from ganprint.synth import resolve_config
 
     d, g = resolve_config("memorize", "ddpm"), resolve_config("memorize")
-    assert (d.generator, d.gan_res, d.steps) == ("ddpm", 32, 1200) and (g.generator, g.gan_res, g.steps) == ("dcgan", 64, 3000)
+    assert (d.generator, d.gan_res, d.steps, d.lr) == ("ddpm", 16, 1200, 2e-3) and (g.generator, g.gan_res, g.steps) == ("dcgan", 64, 3000)
     assert resolve_config("generalize", "ddpm", steps=50).steps == 50
     assert resolve_config("generalize", "ddpm").dev_real == 250
 
@@ -117,9 +117,34 @@ def test_generator_defaults():
 @pytest.mark.parametrize("args, message", [
     (["--generator", "vae"], "Error: --generator vae: unknown generator; use one of dcgan, ddpm"),
     (["--generator", "ddpm", "--ddpm-sample-steps", "0"], "Error: --ddpm-sample-steps 0: must be at least 1"),
+    (["--generator", "ddpm", "--ddpm-train-t", "most"], "Error: --ddpm-train-t most: use all or sampler"),
 ])
 def test_bad_generator_options(tmp_path, args, message):
     res = run_cli(str(tmp_path / "o"), *args)
     assert res.exit_code == 2
     assert res.stderr.strip() == message
     assert not (tmp_path / "o").exists()
+
+
+def test_train_on_sampler_timesteps(monkeypatch):
+    import torch
+    from diffusers import DDPMScheduler
+
+    from ganprint.synth.ddpm import DdpmConfig, sampler_timesteps, train_ddpm
+
+    cfg = DdpmConfig(res=16, width=4, steps=3, batch_size=2, sample_steps=4, train_t="sampler", log_every=1)
+    grid = sampler_timesteps(cfg)
+    assert grid.tolist() == [750, 500, 250, 0]
+    seen = []
+    orig = DDPMScheduler.add_noise
+
+    def spy(self, x, noise, t):
+        seen.extend(t.tolist())
+        return orig(self, x, noise, t)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", spy)
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16), dtype=np.uint8)
+    res = train_ddpm(images, cfg, "cpu", seed=0)
+    assert len(seen) == 6 and set(seen) <= set(grid.tolist())
+    assert [p["step"] for p in res.curve] == [1, 2, 3]
+    assert isinstance(res.model, torch.nn.Module)
