@@ -1,4 +1,8 @@
-"""``synth`` stage: real images -> member / non-member split -> GAN trained on members -> ImageCLEF layout.
+"""``synth`` stage: real images -> member / non-member split -> generator trained on members -> ImageCLEF layout.
+
+The generator is a small DCGAN (``--generator dcgan``, default) or a small diffusers DDPM
+(``--generator ddpm``), see :mod:`ganprint.synth.generators`; ``--copies F`` replaces a fraction
+of the samples by transformed replicas of members (:mod:`ganprint.synth.replicas`).
 
 Output (``OUT``)::
 
@@ -8,7 +12,9 @@ Output (``OUT``)::
     test/generated/         generated_test_00001.png ...
     test/real_unknown/      real_unknown_0001.png ...     members and non-members, shuffled
     test_truth.csv          image_id,label   (image_id = file name without extension)
-    generator.safetensors   the trained generator (architecture in its metadata)
+    replicas.csv            only with --copies F > 0: the generated images that are transformed
+                            copies of members (see ganprint.synth.replicas)
+    generator.safetensors   the trained generator (DCGAN or DDPM; architecture in its metadata)
     synth.json              parameters, seed, counts, timings, loss curve, digests, image list
 
 All images are 8-bit palette PNGs (mode "P", grayscale palette) at ``size`` x ``size``, as the
@@ -38,7 +44,7 @@ import numpy as np
 
 from ganprint import __version__
 from ganprint.errors import GanprintError
-from ganprint.synth.regimes import REGIMES
+from ganprint.synth.regimes import GENERATOR_DEFAULTS, REGIMES
 
 SYNTH_FORMAT = 1
 GRAY_PALETTE = bytes(v for i in range(256) for v in (i, i, i))
@@ -48,6 +54,7 @@ class SynthConfig:
     """Every parameter of a synth run; ``None`` fields of the CLI take the regime's value."""
 
     regime: str = "memorize"
+    generator: str = "dcgan"  # a name of ganprint.synth.generators.GENERATORS
     seed: int = 0
     size: int = 256  # output images: size x size
     dev_real: int = 20  # dev: this many real_used and this many real_not_used
@@ -68,6 +75,24 @@ class SynthConfig:
     # torch CPU threads: this small GAN gains little from a second thread on 2 cores, and with
     # other jobs on the machine OpenMP threads spin-wait (measured 6-10x slower); None: torch's own
     threads: int | None = 1
+    # replicas (see ganprint.synth.replicas): this fraction of each split's generated images are
+    # transformed copies of random members; 0 = none (the output is then what it was without them)
+    copies: float = 0.0
+    copy_rotation: float = 10.0  # degrees, +-
+    copy_shift: float = 0.08  # fraction of the side, +- per axis
+    copy_gamma_min: float = 0.8
+    copy_gamma_max: float = 1.25
+    copy_blur: float = 2.0  # largest down-sampling factor of the blur (1 = none)
+    copy_noise: float = 6.0  # largest Gaussian noise sigma, gray levels
+    ddpm_sample_steps: int = 10  # --generator ddpm: DDIM steps per sample
+    ddpm_train_t: str = "all"  # --generator ddpm: training timesteps, "all" or "sampler" (see ddpm.DdpmConfig)
+
+    @property
+    def replica_ranges(self):
+        from ganprint.synth.replicas import ReplicaRanges
+
+        return ReplicaRanges(rotation=self.copy_rotation, shift=self.copy_shift, gamma_min=self.copy_gamma_min,
+                             gamma_max=self.copy_gamma_max, blur=self.copy_blur, noise=self.copy_noise)
 
     @property
     def members(self) -> int:
@@ -78,11 +103,15 @@ class SynthConfig:
         return 2 * (self.dev_real + self.test_real)
 
 
-def resolve_config(regime: str = "memorize", **overrides: Any) -> SynthConfig:
-    """The regime's defaults with every non-``None`` override applied, validated."""
+def resolve_config(regime: str = "memorize", generator: str = "dcgan", **overrides: Any) -> SynthConfig:
+    """The regime's defaults, then the generator's, then every non-``None`` override, validated."""
     if regime not in REGIMES:
         raise GanprintError(f"--regime {regime}: unknown regime; use one of {', '.join(REGIMES)}")
-    base = {**REGIMES[regime], **{k: v for k, v in overrides.items() if v is not None}}
+    generator = generator or "dcgan"
+    if generator not in GENERATOR_DEFAULTS:
+        raise GanprintError(f"--generator {generator}: unknown generator; use one of {', '.join(GENERATOR_DEFAULTS)}")
+    base = {**REGIMES[regime], **GENERATOR_DEFAULTS[generator], "generator": generator,
+            **{k: v for k, v in overrides.items() if v is not None}}
     unknown = set(base) - {f.name for f in SynthConfig.__dataclass_fields__.values()}
     if unknown:
         raise TypeError(f"unknown synth parameters: {sorted(unknown)}")
@@ -98,7 +127,12 @@ def _validate(cfg: SynthConfig) -> None:
         ("--slices-per-patient", cfg.slices_per_patient, 1), ("--gan-width", cfg.gan_width, 1),
         ("--z-dim", cfg.z_dim, 1), ("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1),
         ("--log-every", cfg.log_every, 1), ("--threads", cfg.threads if cfg.threads is not None else 1, 1),
+        ("--ddpm-sample-steps", cfg.ddpm_sample_steps, 1),
     ]
+    if cfg.ddpm_train_t not in ("all", "sampler"):
+        raise GanprintError(f"--ddpm-train-t {cfg.ddpm_train_t}: use all or sampler")
+    if cfg.generator not in GENERATOR_DEFAULTS:
+        raise GanprintError(f"--generator {cfg.generator}: unknown generator; use one of {', '.join(GENERATOR_DEFAULTS)}")
     for name, value, lo in checks:
         if value < lo:
             raise GanprintError(f"{name} {value}: must be at least {lo}")
@@ -108,6 +142,9 @@ def _validate(cfg: SynthConfig) -> None:
         raise GanprintError(f"--gan-res {cfg.gan_res}: larger than --size {cfg.size}; lower --gan-res or raise --size")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise GanprintError(f"--lr {cfg.lr}: must be a positive number")
+    if not (0.0 <= cfg.copies <= 1.0):
+        raise GanprintError(f"--copies {cfg.copies}: must be a fraction in [0, 1] (e.g. 0.15)")
+    cfg.replica_ranges.validate()
     if cfg.group_by_folder and not cfg.real_dir:
         raise GanprintError("--group-by-folder: only applies to --real-dir; pass --real-dir DIR or drop the option")
 
@@ -352,7 +389,7 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
 
     from ganprint.artifacts import sha256_file
     from ganprint.device import resolve_device
-    from ganprint.synth.gan import GanConfig, sample, save_generator, train_gan
+    from ganprint.synth.generators import GENERATORS
 
     cfg = config if config is not None else resolve_config(**overrides)
     if config is not None and overrides:
@@ -375,25 +412,29 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
         # -- the generator, trained on the members of dev and test
         members = np.flatnonzero((assign == 0) | (assign == 2))
         train_imgs = resize_batch(reals.images[members], cfg.gan_res)
-        gcfg = GanConfig(res=cfg.gan_res, z_dim=cfg.z_dim, ngf=cfg.gan_width, ndf=cfg.gan_width,
-                         batch_size=cfg.batch_size, steps=cfg.steps, lr_g=cfg.lr, lr_d=cfg.lr,
-                         log_every=cfg.log_every)
-        with _Bar(progress, f"synth: train GAN ({len(members)} members)", "it/s", cfg.steps, "loss") as bar:
+        backend = GENERATORS[cfg.generator]
+        gcfg = backend.make_config(cfg)
+        with _Bar(progress, f"synth: train {cfg.generator} ({len(members)} members)", "it/s", cfg.steps, "loss") as bar:
             def on_step(step: int, losses: dict) -> None:
                 if bar.progress is not None and (step % 10 == 0 or step == cfg.steps):
-                    bar.progress.update(bar.task, completed=step,
-                                        loss=f"D {losses['loss_d']:.3f}  G {losses['loss_g']:.3f}")
+                    bar.progress.update(bar.task, completed=step, loss=backend.progress(losses))
 
-            res = train_gan(train_imgs, gcfg, dev, seed=cfg.seed, on_step=on_step)
+            res = backend.train(train_imgs, gcfg, dev, cfg.seed, on_step)
         seconds["train"] = res.seconds
 
         # -- sampling: dev and test from separate noise streams
         t = time.perf_counter()
-        gen_dev = resize_batch(sample(res.generator, cfg.dev_generated, cfg.z_dim, cfg.seed * 2 + 101, dev),
-                               cfg.size, "bicubic")
-        gen_test = resize_batch(sample(res.generator, cfg.test_generated, cfg.z_dim, cfg.seed * 2 + 102, dev),
-                                cfg.size, "bicubic")
+        raw = {"dev": backend.sample(res, gcfg, cfg.dev_generated, cfg.seed * 2 + 101, dev),
+               "test": backend.sample(res, gcfg, cfg.test_generated, cfg.seed * 2 + 102, dev)}
         seconds["sample"] = time.perf_counter() - t
+        plans = []
+        if cfg.copies > 0:
+            t = time.perf_counter()
+            plans = _insert_replicas(raw, train_imgs, cfg)
+            seconds["replicas"] = time.perf_counter() - t
+        # replicas go through the same up-sampling as the samples they replace
+        gen_dev = resize_batch(raw["dev"], cfg.size, "bicubic")
+        gen_test = resize_batch(raw["test"], cfg.size, "bicubic")
         threads_used = torch.get_num_threads()
 
     # -- writing, into a temporary folder renamed at the end
@@ -406,26 +447,33 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
     try:
         with _Bar(progress, "synth: write PNGs", "img/s",
                   cfg.dev_generated + cfg.test_generated + cfg.real_needed) as bar:
-            images = _write_layout(tmp, cfg, reals, assign, gen_dev, gen_test, bar.tick)
+            real_ids: dict[int, dict] = {}
+            images = _write_layout(tmp, cfg, reals, assign, gen_dev, gen_test, bar.tick, real_ids)
+        replica_rows = _replica_rows(plans, members, real_ids)
+        if plans:
+            from ganprint.synth.replicas import REPLICAS_FILE, write_replicas_csv
+
+            write_replicas_csv(tmp / REPLICAS_FILE, replica_rows)
         gen_path = tmp / "generator.safetensors"
-        save_generator(res.generator, gcfg, gen_path,
-                       extra={"ganprint_version": __version__, "seed": cfg.seed, "regime": cfg.regime})
+        backend.save(res, gcfg, gen_path, {"ganprint_version": __version__, "seed": cfg.seed, "regime": cfg.regime})
         digest = sha256_file(gen_path)
         seconds["write"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t_all
         counts = _counts(images, cfg)
+        counts["replicas"] = _replica_counts(replica_rows, images)
         summary = {
             "format": SYNTH_FORMAT,
             "ganprint_version": __version__,
             "stage": "synth",
             "config": asdict(cfg),
             "regime_defaults": REGIMES[cfg.regime],
+            **({"generator_defaults": GENERATOR_DEFAULTS[cfg.generator]} if cfg.generator != "dcgan" else {}),
             "seed": cfg.seed,
             "source": "real_dir" if cfg.real_dir else "phantoms",
             "counts": counts,
             "generator": {
-                "file": "generator.safetensors", "sha256": digest, "arch": "dcgan-sn-hinge",
-                "config": asdict(gcfg), "train_images": int(len(members)),
+                "file": "generator.safetensors", "sha256": digest, "arch": backend.arch,
+                **backend.describe(gcfg), "train_images": int(len(members)),
                 "epochs": round(cfg.steps * cfg.batch_size / max(1, len(members)), 2),
                 "steps_per_s": round(res.steps_per_s, 3),
             },
@@ -436,6 +484,11 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
                             "numpy": np.__version__, "torch_threads": threads_used},
             "images": images,
         }
+        if plans:
+            summary["replicas"] = {"file": "replicas.csv", "fraction": cfg.copies,
+                                   "ranges": asdict(cfg.replica_ranges),
+                                   "applied_at": f"generator resolution {cfg.gan_res} px, then up-sampled like the samples",
+                                   "sources": "uniform over the generator's training set (dev and test members)"}
         with open(tmp / "synth.json", "w") as fh:
             json.dump(summary, fh, indent=1, sort_keys=True)
             fh.write("\n")
@@ -445,12 +498,49 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
         raise
     final = res.curve[-1] if res.curve else {}
     return SynthOutcome(out=out, config=cfg, counts=counts, seconds=summary["seconds"], generator_sha256=digest,
-                        device=str(dev), final_losses={k: final.get(k) for k in ("loss_d", "loss_g")})
+                        device=str(dev), final_losses={k: final.get(k) for k in backend.loss_keys})
+
+
+def _insert_replicas(raw: dict[str, np.ndarray], train_imgs: np.ndarray, cfg: SynthConfig) -> list:
+    """Overwrite the planned slots of ``raw[split]`` (uint8 [G, R, R], in place) with replicas."""
+    from ganprint.synth.replicas import make_replicas, plan_replicas
+
+    plans, rng = plan_replicas({k: len(v) for k, v in raw.items()}, len(train_imgs), cfg.copies,
+                               cfg.replica_ranges, cfg.seed)
+    for plan in plans:
+        if len(plan.slots):
+            raw[plan.split][plan.slots] = make_replicas(train_imgs, plan, rng)
+    return plans
+
+
+def _replica_rows(plans: list, members: np.ndarray, real_ids: dict[int, dict]) -> list[dict]:
+    """One replicas.csv row per replica: generated file, source member (its written id), transform."""
+    rows = []
+    for plan in plans:
+        ids = _ids(f"generated_{plan.split}", plan.n_generated, 5)  # the names _write_layout gives
+        for slot, src, params in zip(plan.slots, plan.sources, plan.params):
+            image_id = ids[int(slot)]
+            s = real_ids[int(members[src])]
+            rows.append({"image_id": image_id, "file": f"{plan.split}/generated/{image_id}.png", "split": plan.split,
+                         "source_id": s["image_id"], "source_file": s["file"], "source_split": s["split"], **params})
+    return rows
+
+
+def _replica_counts(rows: list[dict], images: list[dict]) -> dict:
+    """Replicas per split, and how many test members have one among the test generated images."""
+    copied = {r["source_id"] for r in rows if r["split"] == "test"}
+    test_members = [r["image_id"] for r in images if r["subset"] == "real_unknown" and r["label"] == 1]
+    return {"dev": sum(r["split"] == "dev" for r in rows), "test": sum(r["split"] == "test" for r in rows),
+            "test_members_with_replica": sum(i in copied for i in test_members),
+            "members_with_replica": len({r["source_id"] for r in rows})}
 
 
 def _write_layout(root: Path, cfg: SynthConfig, reals: RealSet, assign: np.ndarray,
-                  gen_dev: np.ndarray, gen_test: np.ndarray, tick=None) -> list[dict]:
-    """Write the PNGs and ``test_truth.csv`` under ``root``; returns one record per real image."""
+                  gen_dev: np.ndarray, gen_test: np.ndarray, tick=None,
+                  real_ids: dict[int, dict] | None = None) -> list[dict]:
+    """Write the PNGs and ``test_truth.csv`` under ``root``; returns one record per real image.
+
+    ``real_ids``, if given, is filled with ``{index into reals: its record}``."""
     for d in ("dev/generated", "dev/real_used", "dev/real_not_used", "test/generated", "test/real_unknown"):
         (root / d).mkdir(parents=True)
     for sub, arr in (("dev", gen_dev), ("test", gen_test)):
@@ -471,6 +561,8 @@ def _write_layout(root: Path, cfg: SynthConfig, reals: RealSet, assign: np.ndarr
             save_palette_png(reals.images[i], root / split / subset / f"{image_id}.png")
             records.append({"image_id": image_id, "split": split, "subset": subset, "label": label,
                             "file": f"{split}/{subset}/{image_id}.png", **reals.source[i]})
+            if real_ids is not None:
+                real_ids[int(i)] = records[-1]
             if tick:
                 tick()
     with open(root / "test_truth.csv", "w", newline="") as fh:
