@@ -178,8 +178,8 @@ def _splitter(y, folds: int, repeats: int, seed: int):
     return RepeatedStratifiedKFold(n_splits=k, n_repeats=repeats, random_state=seed)
 
 
-def _corrected_ci(values, n_train: float, n_test: float, level: float = 0.95):
-    """Mean and Nadeau-Bengio corrected-t CI of J fold values from repeated CV."""
+def _corrected_ci(values, n_train: float, n_test: float, level: float = 0.95, bounds=(-1.0, 1.0)):
+    """Mean and Nadeau-Bengio corrected-t CI (clipped to ``bounds``) of J fold values from repeated CV."""
     import numpy as np
     from scipy.stats import t as student
 
@@ -194,7 +194,7 @@ def _corrected_ci(values, n_train: float, n_test: float, level: float = 0.95):
     var = float(v.var(ddof=1))
     se = math.sqrt((1.0 / J + n_test / max(n_train, 1.0)) * var)
     h = float(student.ppf(0.5 + level / 2, J - 1)) * se
-    return mean, [mean - h, mean + h]
+    return mean, [max(bounds[0], mean - h), min(bounds[1], mean + h)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +479,7 @@ def nested_cv(X, y, names: Sequence[str], config: SelectConfig | None = None, sp
         chosen.append(all_names[idx])
         n_tr.append(len(tr))
         n_te.append(len(te))
-    a_mean, a_ci = _corrected_ci(aucs, float(np.mean(n_tr)), float(np.mean(n_te)))
+    a_mean, a_ci = _corrected_ci(aucs, float(np.mean(n_tr)), float(np.mean(n_te)), bounds=(0.0, 1.0))
     k_mean, k_ci = _corrected_ci(kaps, float(np.mean(n_tr)), float(np.mean(n_te)))
     return NestedEstimate(a_mean, a_ci, k_mean, k_ci, len(splits), folds, cfg.outer_repeats if folds else 0,
                           chosen, aucs, kaps)
