@@ -169,3 +169,26 @@ def test_cli_auto_json_and_score_reports_realised_fdr(spaces, tmp_path):
     bad = runner.invoke(app, ["predict", str(spaces["pixels"]["test"]), str(spaces["test_resnet"]["test"]),
                               "--balanced", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "--attack auto" in bad.stderr
+
+
+def test_candidate_sources_are_pluggable(spaces):
+    """A new source (e.g. copy verification) joins the candidates without touching select.py."""
+    from ganprint.candidates import CANDIDATE_SOURCES, register_candidate_source
+    from ganprint.select import CandidateScores
+
+    def oracle(space):
+        # a score that knows the dev labels' pattern in the informative space: it must win
+        dev_y = space.dev.table["label"].astype(float).to_numpy()[space.dev_order]
+        test_y = space.test.table["label"].astype(float).to_numpy()[space.test_order]
+        return [CandidateScores(f"{space.name}/oracle", dev_y, test_y, info={"space": space.name})]
+
+    register_candidate_source("oracle_test", oracle)
+    try:
+        pred = predict_auto([spaces["pixels"]["test"]], [spaces["pixels"]["dev"]], config=FAST, attacks=["max_sim"])
+        names = [c["name"] for c in pred.selection["candidates"]]
+        assert "pixels/oracle" in names and "pixels/max_sim" in names
+        assert pred.selection["chosen"] in ("pixels/oracle", "pixels/max_sim")
+        with pytest.raises(ValueError):
+            register_candidate_source("oracle_test", oracle)
+    finally:
+        CANDIDATE_SOURCES.pop("oracle_test", None)
