@@ -308,12 +308,18 @@ def predict_auto(
     if all(n is not None for n in nulls) and all(n.ids == nulls[0].ids and n.source == nulls[0].source
                                                  for n in nulls):
         N = np.full((len(nulls[0].scores), X_test.shape[1]), np.nan)
-        for j, n in zip(proc.columns, nulls):
-            N[:, j] = n.scores
+        for j, c in enumerate(cands):  # every column with null scores of the same images
+            if c.null is not None and c.null.ids == nulls[0].ids and c.null.source == nulls[0].source:
+                N[:, j] = c.null.scores
         from ganprint.conformal import conformal_pvalues
 
-        pvalues = conformal_pvalues(scores, proc.score(N), nulls[0].self_index)
+        null_s = proc.score(N)
+        if proc.kind != SINGLE:
+            null_s = _oof_null(null_s, N, nulls[0].ids, X_dev[known], y[known].astype(np.int64),
+                               [i for i, k in zip(dev_ids, known) if k], names, sel, cfg)
+        pvalues = conformal_pvalues(scores, null_s, nulls[0].self_index)
         pinfo = nulls[0].info()
+        pinfo["combination_null"] = "out-of-fold" if proc.kind != SINGLE else None
     name = "+".join(f"{s.test.base}" for s in spaces)
     if rule == "fdr":
         dec = _fdr_decision(pvalues, fdr, name)
@@ -336,6 +342,32 @@ def predict_auto(
     return Prediction(test_ids, scores, dec, "auto", params, truth, str(Path(chosen_space.test.base).resolve()),
                       dict(chosen_space.test.provenance), pvalues, pinfo, info,
                       [s.describe() for s in spaces])
+
+
+def _oof_null(null_s, N, null_ids, X, y, ids, names, sel, cfg):
+    """Null scores of a *fitted* combination, out of fold for null images that are labelled dev
+    images: a stacker scores its own training non-members lower than fresh ones, which would make
+    the p-values of fresh non-members too small."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedKFold
+
+    from ganprint.select import candidate_names, fit_procedure
+
+    pos = {i: n for n, i in enumerate(ids)}
+    rows = np.asarray([pos.get(i, -1) for i in null_ids])
+    if not (rows >= 0).any():
+        return null_s
+    out = np.asarray(null_s, dtype=np.float64).copy()
+    idx = candidate_names(names, cfg).index(sel.chosen)
+    k = min(cfg.folds, int(np.bincount(y, minlength=2).min()))
+    for tr, te in StratifiedKFold(n_splits=k, shuffle=True, random_state=cfg.seed).split(X, y):
+        part = fit_procedure(X[tr], y[tr], idx, names, cfg)
+        hit = np.flatnonzero(np.isin(rows, te))
+        if len(hit):
+            s = part.score(N[hit])
+            ok = np.isfinite(s)  # a column without null scores: keep the full fit's score
+            out[hit[ok]] = s[ok]
+    return out
 
 
 def scores_table(pred: Prediction):

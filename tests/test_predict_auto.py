@@ -192,3 +192,29 @@ def test_candidate_sources_are_pluggable(spaces):
             register_candidate_source("oracle_test", oracle)
     finally:
         CANDIDATE_SOURCES.pop("oracle_test", None)
+
+
+def test_fitted_combination_null_scores_are_out_of_fold():
+    """Null images that trained the stacker are scored by fits that did not see them."""
+    from ganprint.predict import _oof_null
+    from ganprint.select import candidate_names, fit_procedure
+    from ganprint.select import select as run_select
+
+    rng = np.random.default_rng(0)
+    n = 80
+    y = np.r_[np.ones(40), np.zeros(40)].astype(int)
+    X = rng.standard_normal((n, 4)) + 0.9 * y[:, None]
+    names = [f"s/c{j}" for j in range(4)]
+    cfg = SelectConfig(folds=4, repeats=1, outer_folds=3, outer_repeats=1, noise=0.0)
+    sel = run_select(X, y, names, cfg, nested=False)
+    idx = candidate_names(names, cfg).index("stack(top3)")
+    sel.procedure = fit_procedure(X, y, idx, names, cfg)
+    sel.chosen = "stack(top3)"
+    ids = [f"i{k}" for k in range(n)]
+    null_rows = np.flatnonzero(y == 0)
+    N = X[null_rows]
+    full = sel.procedure.score(N)
+    oof = _oof_null(full, N, [ids[r] for r in null_rows], X, y, ids, names, sel, cfg)
+    assert not np.allclose(oof, full)
+    # a fresh fit scores its own training non-members lower than held-out ones, on average
+    assert oof.mean() > full.mean()
