@@ -4,10 +4,10 @@
 
 Reads the embeddings that `bench/quality.py --auto` left in RUN/work (every backbone there).
 The pool of known non-members is the dev real_not_used images plus the test images whose truth
-is 0.  For each of ``--splits`` seeded random halvings of the pool, the first half (queries) is
-scored by every attack against the test generated set, with the second half as the reference set;
-the reference images are scored the same way (each left out of its own reference set, as
-`predict` does), conformal p-values of the queries against them, Benjamini-Hochberg at Q.
+is 0.  For each of ``--splits`` seeded random halvings of the pool, both halves are scored together by
+every attack against the test generated set (as `predict` scores test images and the known
+non-members embedded with them: one context, the other real images as reference); conformal
+p-values of the first half (queries) against the second (the null), Benjamini-Hochberg at Q.
 Every query is a non-member, so any flag is a false discovery: the share of splits with at
 least one flag is the FDR (= family-wise error under the global null); BH on conformal p-values
 keeps it <= Q (Bates et al. 2023).  Prints and writes RUN/fdr_null.json.
@@ -46,7 +46,6 @@ def main() -> int:
     from ganprint import benchmark as B
     from ganprint.artifacts import read_artifact
     from ganprint.attacks import AttackContext, attack_names, run_attack
-    from ganprint.candidates import reference_context
     from ganprint.conformal import bh_flags, conformal_pvalues
 
     run = Path(args.run)
@@ -54,12 +53,13 @@ def main() -> int:
     attacks = [a for a in args.attacks.split(",") if a] or attack_names()
     results = []
     t0 = time.perf_counter()
-    for test_path in sorted((run / "work").glob("*_test.safetensors")):
-        space = test_path.name[: -len("_test.safetensors")]
+    for test_path in sorted((run / "work").glob("*_testnull.safetensors")):
+        space = test_path.name[: -len("_testnull.safetensors")]
         dev_path = run / "work" / f"{space}_dev"
         if not dev_path.with_suffix(".safetensors").exists():
             continue
         test = read_artifact(str(test_path)[: -len(".safetensors")], kind="embeddings")
+        # (the dev non-members embedded with the test images are taken from the dev artifact)
         dev = read_artifact(dev_path, kind="embeddings")
         te, de = test.tensor("embeddings"), dev.tensor("embeddings")
         gen = te[_subset(test, "generated")]
@@ -72,11 +72,10 @@ def main() -> int:
         half = len(pool) // 2
         for _ in range(args.splits):
             perm = rng.permutation(len(pool))
-            query, ref = pool[perm[:half]], pool[perm[half:]]
-            ctx = AttackContext.from_embeddings(gen, query, ref, k=10)
-            rctx = reference_context(ctx)
+            ctx = AttackContext.from_embeddings(gen, pool[perm], k=10)
             for a in attacks:
-                p = conformal_pvalues(run_attack(a, ctx), run_attack(a, rctx))
+                sc = run_attack(a, ctx)
+                p = conformal_pvalues(sc[:half], sc[half:])
                 f = bh_flags(p, args.q)
                 anyflag[a] += int(f.any())
                 flags_total[a] += int(f.sum())

@@ -17,10 +17,10 @@ simmatrix, and every attack calibrated on dev (kappa-optimal cut) and applied to
 Writes OUT/quality.md (markdown table) and OUT/quality.json; prints a table per regime.
 
 Automatic selection (`--auto`, issue 12): every regime x generator x seed
-(`--regimes memorize,balanced,generalize --generators dcgan --seeds 0,1,2`), each in
-OUT/<regime>-<generator>-s<seed>/.  Similarity artifacts are built with `--reference` = the dev
-embeddings (their real_not_used rows are known non-members), for dev and for test, so every
-attack's calibrated variant uses known non-members and every scores artifact has p-values.
+(`--regimes memorize,balanced,generalize,copies --generators dcgan --seeds 0,1,2`), each in
+OUT/<regime>-<generator>-s<seed>/.  The test embeddings hold the dev real_not_used images too
+(`embed TEST DEV/real_not_used`): known non-members scored in the same context as the test
+images, so every test scores artifact has conformal p-values; they are not predicted.
 Rows: every (feature space, attack) calibrated on dev, the seed's rule, and `auto`
 (`predict --attack auto` over all of them: chosen by repeated stratified CV on dev, its
 nested-CV estimate printed beside the test value); FDR: BH at Q = 0.1 on the auto p-values,
@@ -123,13 +123,17 @@ def _synth_cached(root: Path, overrides: dict, progress: bool) -> None:
     run_synth(root, resolve_config(**overrides), force=True, progress=progress)
 
 
-def _ref_sims(fs, work: Path):
-    """dev and test similarity with the dev embeddings as reference (known non-members)."""
-    from ganprint.similarity import run_simmatrix
+def _embed_with_null(root: Path, work: Path, bb: str, progress: bool):
+    """dev embeddings, and test embeddings with the dev non-members added (the null for p-values:
+    scored in the same context as the test images; predict leaves them out of its output)."""
+    from ganprint.benchmark import FeatureSet, add_similarity
+    from ganprint.embed import run_embed
 
-    fs.dev_sim = run_simmatrix(work / f"{fs.name}_dev_refsim", dataset=fs.dev, reference=fs.dev, device="cpu").base
-    fs.test_sim = run_simmatrix(work / f"{fs.name}_test_refsim", dataset=fs.test, reference=fs.dev, device="cpu").base
-    return fs
+    work.mkdir(parents=True, exist_ok=True)
+    dev = run_embed([str(root / "dev")], work / f"{bb}_dev", backbone=bb, progress=progress).base
+    test = run_embed([str(root / "test"), str(root / "dev" / "real_not_used")], work / f"{bb}_testnull",
+                     backbone=bb, progress=progress).base
+    return add_similarity(FeatureSet(bb, dev, test), work)
 
 
 def _auto_row(sets, truth: dict, bootstrap: int, q: float, seed: int) -> dict:
@@ -182,7 +186,7 @@ def run_auto(regime: str, generator: str, seed: int, out: Path, args) -> dict:
     rows, sets = [], []
     for i, bb in enumerate(args.backbones):
         t = time.perf_counter()
-        fs = _ref_sims(B.embed_split(root, work, bb, bb, progress=not args.quiet), work)
+        fs = _embed_with_null(root, work, bb, progress=not args.quiet)
         sets.append(fs)
         rows += B.attack_rows(fs, truth, seed_rule=(i == 0), bootstrap=args.bootstrap)
         timings[f"embed+attacks {bb}"] = time.perf_counter() - t

@@ -13,11 +13,17 @@ Candidates come from *candidate sources*, a registry (:data:`CANDIDATE_SOURCES`,
 verification score) becomes a candidate without any change here or in ganprint.select.  An attack
 that cannot run on an artifact (a tensor it needs is missing...) is skipped and reported.
 
-Null scores (for conformal p-values, :func:`null_scores`): with ``simmatrix --reference`` the
-reference images (known non-members) are scored by the same attack against the same generated
-set, each one left out of its own reference set; a scored real image that is itself a reference
-image is left out of the comparison too.  Without a reference, the scored artifact's own labelled
-non-members (dev data) are the null, leave-one-out.
+Null scores (for conformal p-values, :func:`null_scores`) must be computed *exactly* like the
+scores of the images tested, or the p-values are not valid.  The reliable way: put the known
+non-members among the scored real images (``ganprint embed TEST DEV/real_not_used``): the rows of
+subset ``real_not_used`` with label 0 are the null, scored in the same context as the test images
+(same generated set, same reference = the other real images, same Monte Carlo radius), each one
+left out of its own comparison; :func:`output_rows` then keeps them out of the predictions and the
+submission.  On a labelled dev artifact the null is its non-members (leave-one-out).  With a
+separate ``simmatrix --reference`` set, the reference images are scored against the same
+generated set, but only for attacks that do not use the reference set: a reference image's own
+reference set would contain its near-duplicates (neighbouring slices of one patient), a test
+image's would not, and its null scores would be too low.
 """
 
 from __future__ import annotations
@@ -85,23 +91,55 @@ def _labels(table):
     return lab if np.isfinite(lab).any() else None
 
 
+def _null_mask(table):
+    """bool [R]: known non-members among the real rows (label 0; subset real_not_used when the
+    table has subsets), or None."""
+    import numpy as np
+
+    lab = _labels(table)
+    if lab is None:
+        return None
+    zero = lab == 0
+    if "subset" in table.columns:
+        zero &= (table["subset"].astype("string").fillna("") == "real_not_used").to_numpy(dtype=bool)
+    return zero if zero.sum() >= 2 else None
+
+
+def output_rows(table):
+    """int64 rows to predict: every row, except the known non-members added to a test artifact as
+    the null (rows of subset real_not_used when other rows are not dev subsets)."""
+    import numpy as np
+
+    n = len(table)
+    null = _null_mask(table)
+    if null is None or "subset" not in table.columns:
+        return np.arange(n)
+    sub = table["subset"].astype("string").fillna("")
+    dev_like = sub.isin(["real_used", "real_not_used"]).to_numpy(dtype=bool)
+    if dev_like.all():
+        return np.arange(n)  # a dev artifact: every image is predicted, its non-members are the null too
+    return np.flatnonzero(~null)
+
+
 def null_scores(art, ctx, attack: str, params: Mapping[str, Any] | None, scores) -> NullScores | None:
     """Known non-members of ``art`` scored like its real images (None when it has none)."""
     import numpy as np
 
-    from ganprint.attacks import run_attack
+    from ganprint.attacks import get_attack, run_attack
 
-    if art.provenance.get("reference"):
+    mask = _null_mask(art.table)
+    if mask is None and art.provenance.get("reference"):
+        if get_attack(attack).uses_reference:
+            raise GanprintError(f"{art.base}.safetensors: no p-values for '{attack}' against a separate --reference "
+                                "set (its images' own reference sets would hold their near-duplicates); embed the "
+                                "known non-members with the test images instead (ganprint embed TEST DEV/real_not_used)")
         rc = reference_context(ctx)
         ns = run_attack(attack, rc, params)
         return NullScores(ns, np.asarray(ctx.ref_exclude(), dtype=np.int64), _reference_ids(art), "reference")
-    lab = _labels(art.table)
-    if lab is None:
+    if mask is None:
         return None
-    zero = np.flatnonzero(lab == 0)
-    if len(zero) < 2:
-        return None
-    self_index = np.full(len(lab), -1, dtype=np.int64)
+    zero = np.flatnonzero(mask)
+    self_index = np.full(len(mask), -1, dtype=np.int64)
     self_index[zero] = np.arange(len(zero))
     ids = [str(i) for i in art.table["image_id"].to_numpy()[zero]]
     return NullScores(np.asarray(scores, dtype=np.float64)[zero], self_index, ids, "label0")
@@ -198,6 +236,22 @@ def check_same_reals(arts: Sequence[Any], role: str) -> list[str]:
     return ids
 
 
+def check_no_label_leak(art) -> None:
+    """Refuse a labelled artifact whose own known non-members are its --reference set: reference-
+    based attacks would then see the labels (a non-member's near-duplicates, e.g. neighbouring
+    slices, are in its reference set, a member's are not: dev kappa 1.0 that means nothing)."""
+    import numpy as np
+
+    if not art.provenance.get("reference") or "realref_exclude" not in art.tensors:
+        return
+    inside = np.asarray(art.tensors["realref_exclude"]) >= 0
+    lab = _labels(art.table)
+    if lab is not None and inside.any() and np.isfinite(lab[inside]).any():
+        raise ArtifactError(f"{art.base}.safetensors: its labelled real images are in its own --reference set, so "
+                            "reference-based attacks see the labels; run simmatrix on labelled data without "
+                            "--reference (the other real images are the reference)")
+
+
 def check_dev_pair(test_prov: Mapping[str, Any], dev_prov: Mapping[str, Any], test_name: str, dev_name: str) -> None:
     """Refuse a dev similarity artifact of another feature space or metric than the test one."""
     from ganprint.similarity import check_comparable
@@ -236,6 +290,8 @@ def load_spaces(test_sims: Sequence[Any], dev_sims: Sequence[Any]) -> tuple[list
                 raise ArtifactError(f"{seen[key].base}.safetensors and {art.base}.safetensors: the same feature space "
                                     f"({_space_name(art.provenance)}) twice among the {role} artifacts; pass each once")
             seen[key] = art
+    for d in devs:
+        check_no_label_leak(d)
     test_ids = check_same_reals(tests, "test")
     dev_ids = check_same_reals(devs, "dev")
     by_key = {_space_key(d.provenance): d for d in devs}

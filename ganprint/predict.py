@@ -190,6 +190,7 @@ def _pvalues(null, scores):
 
 
 def _fdr_decision(pvalues, q: float, source: str) -> Decision:
+    """BH flags at level q over the images to label (the null rows are not in the family)."""
     import numpy as np
 
     from ganprint.conformal import bh_flags, check_q
@@ -222,7 +223,7 @@ def predict(
 
     from ganprint.artifacts import Artifact
     from ganprint.attacks import resolved_params
-    from ganprint.candidates import null_scores
+    from ganprint.candidates import check_no_label_leak, null_scores, output_rows
 
     if attack == "auto":
         return predict_auto([sim], [calibrate] if calibrate is not None else [], quantile=quantile,
@@ -233,7 +234,18 @@ def predict(
     name = f"{art.base}.safetensors"
     ctx, scores = attack_scores(art, attack, params)
     ids = [str(i) for i in art.table["image_id"].tolist()]
-    pvalues, pinfo = _pvalues(null_scores(art, ctx, attack, params, scores), scores)
+    try:
+        pvalues, pinfo = _pvalues(null_scores(art, ctx, attack, params, scores), scores)
+    except GanprintError as exc:
+        if rule == "fdr":
+            raise
+        pvalues, pinfo = None, {"null": None, "reason": str(exc)}
+    # known non-members added to a test artifact are the null, not images to label
+    keep = output_rows(art.table)
+    scores, ids = scores[keep], [ids[i] for i in keep]
+    pvalues = None if pvalues is None else pvalues[keep]
+    truth_all = _truth(art.table)
+    truth_out = None if truth_all is None else truth_all[keep]
     if rule == "threshold":
         dec = Decision(decide_threshold(scores, float(threshold)), rule, float(threshold))
     elif rule == "fdr":
@@ -246,6 +258,7 @@ def predict(
         dev = calibrate if isinstance(calibrate, Artifact) else load_similarity(calibrate)
         dev_name = f"{dev.base}.safetensors"
         _check_dev(art.provenance, dev.provenance, name, dev_name)
+        check_no_label_leak(dev)
         _, dev_scores = attack_scores(dev, attack, params)
         truth = _truth(dev.table)
         if truth is None:
@@ -258,7 +271,7 @@ def predict(
                             "n_pos": int(truth[known].sum()), "pair_id": dev.provenance.get("pair_id"),
                             # the cut was tuned on the very images it labels: the dev kappa is optimistic
                             "same_as_test": dev.provenance.get("pair_id") == art.provenance.get("pair_id")})
-    return Prediction(ids, scores, dec, attack, params, _truth(art.table), str(Path(art.base).resolve()),
+    return Prediction(ids, scores, dec, attack, params, truth_out, str(Path(art.base).resolve()),
                       dict(art.provenance), pvalues, pinfo)
 
 
@@ -320,6 +333,14 @@ def predict_auto(
         pvalues = conformal_pvalues(scores, null_s, nulls[0].self_index)
         pinfo = nulls[0].info()
         pinfo["combination_null"] = "out-of-fold" if proc.kind != SINGLE else None
+    # known non-members added to the test artifacts are the null, not images to label
+    from ganprint.candidates import output_rows
+
+    t0 = spaces[0].test
+    out_ids = {str(t0.table["image_id"].iloc[int(r)]) for r in output_rows(t0.table)}
+    keep = np.asarray([n for n, i in enumerate(test_ids) if i in out_ids], dtype=np.int64)
+    X_test, scores, test_ids = X_test[keep], scores[keep], [test_ids[n] for n in keep]
+    pvalues = None if pvalues is None else pvalues[keep]
     name = "+".join(f"{s.test.base}" for s in spaces)
     if rule == "fdr":
         dec = _fdr_decision(pvalues, fdr, name)
@@ -337,7 +358,7 @@ def predict_auto(
     chosen_space = next((s for s in spaces if s.name == used[0].info.get("space")), spaces[0])
     truth = _truth(spaces[0].test.table)
     if truth is not None:
-        truth = truth[spaces[0].test_order]
+        truth = truth[spaces[0].test_order][keep]
     params = dict(used[0].info.get("params") or {}) if proc.kind == SINGLE else {}
     return Prediction(test_ids, scores, dec, "auto", params, truth, str(Path(chosen_space.test.base).resolve()),
                       dict(chosen_space.test.provenance), pvalues, pinfo, info,

@@ -20,26 +20,35 @@ FAST = SelectConfig(folds=3, repeats=1, outer_folds=3, outer_repeats=1)
 N_GEN, N_POS, D = 50, 16, 6
 
 
-def _split(tmp_path, split, rng, informative: bool, backbone: str, n_pos=N_POS, prefix=None):
-    """Embeddings of one split in one feature space; in the informative space members are
-    near-copies of generated images.  Dev holds 3x as many non-members as members: conformal
+def _arrays(split, rng, informative: bool, n_pos=N_POS, prefix=None):
+    """One split in one feature space: (x, ids, subsets, labels); in the informative space members
+    are near-copies of generated images.  Dev holds 3x as many non-members as members: conformal
     p-values cannot go below 1 / (non-members + 1)."""
     n_neg = 3 * n_pos if split == "dev" else n_pos
     gen = rng.normal(size=(N_GEN, D))
-    members = gen[:n_pos] + (0.25 if informative else 3.0) * rng.normal(size=(n_pos, D))
-    if not informative:
-        members = rng.normal(size=(n_pos, D))
+    members = gen[:n_pos] + 0.25 * rng.normal(size=(n_pos, D)) if informative else rng.normal(size=(n_pos, D))
     x = np.concatenate([gen, members, rng.normal(size=(n_neg, D))])
     prefix = prefix or split
     ids = [f"g{prefix}_{i:03d}" for i in range(N_GEN)] + [f"{prefix}_{i:03d}" for i in range(n_pos + n_neg)]
     if split == "dev":
         subsets = ["generated"] * N_GEN + ["real_used"] * n_pos + ["real_not_used"] * n_neg
-        labels = None
+        labels = [None] * N_GEN + [1] * n_pos + [0] * n_neg
     else:
         subsets = ["generated"] * N_GEN + ["real_unknown"] * (2 * n_pos)
         labels = [None] * N_GEN + [1] * n_pos + [0] * n_pos  # truth stored, as synth's test_truth would give
-    return make_emb(tmp_path / f"{backbone}_{prefix}_emb", x, subsets, labels=labels, ids=ids, backbone=backbone,
+    return x, ids, subsets, labels
+
+
+def _write(tmp_path, name, backbone, parts):
+    x = np.concatenate([p[0] for p in parts])
+    ids, subsets, labels = (sum((list(p[i]) for p in parts), []) for i in (1, 2, 3))
+    return make_emb(tmp_path / name, x, subsets, labels=labels, ids=ids, backbone=backbone,
                     weights_digest=f"w_{backbone}")
+
+
+def _split(tmp_path, split, rng, informative: bool, backbone: str, n_pos=N_POS, prefix=None):
+    a = _arrays(split, rng, informative, n_pos, prefix)
+    return _write(tmp_path, f"{backbone}_{prefix or split}_emb", backbone, [a])
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +57,20 @@ def spaces(tmp_path_factory):
     out = {}
     for bb, informative in (("test_resnet", False), ("pixels", True)):
         rng = np.random.default_rng(0 if informative else 1)
-        dev = _split(tmp, "dev", rng, informative, bb)
-        test = _split(tmp, "test", rng, informative, bb)
+        dev_a = _arrays("dev", rng, informative)
+        test_a = _arrays("test", rng, informative)
+        dev = _write(tmp, f"{bb}_dev_emb", bb, [dev_a])
+        test = _write(tmp, f"{bb}_test_emb", bb, [test_a])
+        # the recommended shape for p-values: the dev non-members embedded with the test images
+        neg = [i for i, sub in enumerate(dev_a[2]) if sub == "real_not_used"]
+        null_part = (dev_a[0][neg], [dev_a[1][i] for i in neg], ["real_not_used"] * len(neg), [0] * len(neg))
+        test_null = _write(tmp, f"{bb}_testnull_emb", bb, [test_a, null_part])
         out[bb] = {
             "dev": run_simmatrix(tmp / f"{bb}_dev_sim", dataset=dev, k=5, device="cpu").base,
             "test": run_simmatrix(tmp / f"{bb}_test_sim", dataset=test, k=5, device="cpu").base,
+            "test_null": run_simmatrix(tmp / f"{bb}_testnull_sim", dataset=test_null, k=5, device="cpu").base,
             "test_ref": run_simmatrix(tmp / f"{bb}_test_refsim", dataset=test, reference=dev, k=5, device="cpu").base,
+            "dev_ref": run_simmatrix(tmp / f"{bb}_dev_refsim", dataset=dev, reference=dev, k=5, device="cpu").base,
             "dev_emb": dev,
         }
     out["tmp"] = tmp
@@ -78,9 +95,8 @@ def test_auto_chooses_the_informative_space_and_records_everything(spaces, tmp_p
 
     t = art.table
     assert roc_auc_score(t["label"].astype(int), t["score"]) > 0.8
-    # the stored labels are truth of the test images (synth-like), not used for p-values here:
-    # without --reference the test's own labelled non-members are the null
-    assert "pvalue" in t.columns
+    # the stored labels are the truth of the test images (synth-like): never a null for p-values
+    assert "pvalue" not in t.columns
 
 
 def test_auto_deterministic(spaces, tmp_path):
@@ -93,10 +109,12 @@ def test_auto_deterministic(spaces, tmp_path):
     np.testing.assert_array_equal(a.labels, b.labels)
 
 
-def test_pvalues_from_reference_and_fdr_rule(spaces, tmp_path):
-    sim = spaces["pixels"]["test_ref"]
-    pred = predict(sim, "gan_leaks", fdr=0.1)
-    assert pred.pvalue_info["null"] == "reference" and pred.pvalue_info["n_null"] == 3 * N_POS
+def test_pvalues_from_added_non_members_and_fdr_rule(spaces, tmp_path):
+    sim = spaces["pixels"]["test_null"]
+    pred = predict(sim, "gan_leaks_cal", fdr=0.1)
+    assert pred.pvalue_info["null"] == "label0" and pred.pvalue_info["n_null"] == 3 * N_POS
+    # the added non-members are the null: not predicted, not in the submission
+    assert len(pred.image_ids) == 2 * N_POS and all(i.startswith("test_") for i in pred.image_ids)
     assert pred.decision.rule == "fdr"
     p = pred.pvalues
     y = pred.truth.astype(int)
@@ -104,11 +122,27 @@ def test_pvalues_from_reference_and_fdr_rule(spaces, tmp_path):
     flagged = pred.labels.astype(bool)
     assert flagged.sum() > 0
     assert (y[flagged] == 0).mean() <= 0.25  # a few false discoveries at most on 32 images
-    # auto with the reference artifacts: p-values of the chosen procedure, BH flags
-    auto = predict_auto([spaces["pixels"]["test_ref"], spaces["test_resnet"]["test_ref"]],
+    # auto: p-values of the chosen procedure, BH flags over the test images only
+    auto = predict_auto([spaces["pixels"]["test_null"], spaces["test_resnet"]["test_null"]],
                         [spaces["pixels"]["dev"], spaces["test_resnet"]["dev"]], config=FAST, fdr=0.1)
-    assert auto.pvalue_info["null"] == "reference" and auto.decision.rule == "fdr"
-    assert auto.labels.sum() > 0
+    assert auto.pvalue_info["null"] == "label0" and auto.decision.rule == "fdr"
+    assert len(auto.image_ids) == 2 * N_POS and auto.labels.sum() > 0
+
+
+def test_separate_reference_gives_pvalues_only_for_reference_free_attacks(spaces):
+    pred = predict(spaces["pixels"]["test_ref"], "gan_leaks", fdr=0.1)
+    assert pred.pvalue_info["null"] == "reference" and pred.pvalue_info["n_null"] == 3 * N_POS
+    assert predict(spaces["pixels"]["test_ref"], "gan_leaks_cal", balanced=True).pvalues is None
+    with pytest.raises(GanprintError, match="near-duplicates"):
+        predict(spaces["pixels"]["test_ref"], "gan_leaks_cal", fdr=0.1)
+
+
+def test_dev_with_its_own_non_members_as_reference_is_refused(spaces):
+    """Reference-based attacks would see the labels (dev kappa 1.0 that means nothing)."""
+    with pytest.raises(ArtifactError, match="own --reference"):
+        predict(spaces["pixels"]["test"], "gan_leaks_cal", calibrate=spaces["pixels"]["dev_ref"])
+    with pytest.raises(ArtifactError, match="own --reference"):
+        predict_auto([spaces["pixels"]["test"]], [spaces["pixels"]["dev_ref"]], config=FAST)
 
 
 def test_fdr_needs_known_non_members(tmp_path):
@@ -135,7 +169,7 @@ def test_mismatched_real_images_refused(spaces, tmp_path):
         predict_auto([spaces["test_resnet"]["test"], spaces["pixels"]["test"]], [spaces["pixels"]["dev"]],
                      config=FAST)
     with pytest.raises(ArtifactError, match="same feature space"):
-        predict_auto([spaces["pixels"]["test"], spaces["pixels"]["test_ref"]], [spaces["pixels"]["dev"]],
+        predict_auto([spaces["pixels"]["test"], spaces["pixels"]["test_null"]], [spaces["pixels"]["dev"]],
                      config=FAST)
     # CLI: one line on stderr, exit != 0, nothing written
     out = tmp_path / "never"
@@ -151,7 +185,7 @@ def test_mismatched_real_images_refused(spaces, tmp_path):
 def test_cli_auto_json_and_score_reports_realised_fdr(spaces, tmp_path):
     runner = CliRunner()
     out = tmp_path / "auto"
-    res = runner.invoke(app, ["predict", str(spaces["pixels"]["test_ref"]), str(spaces["test_resnet"]["test_ref"]),
+    res = runner.invoke(app, ["predict", str(spaces["pixels"]["test_null"]), str(spaces["test_resnet"]["test_null"]),
                               "--attack", "auto", "--calibrate", str(spaces["pixels"]["dev"]),
                               "--calibrate", str(spaces["test_resnet"]["dev"]), "--fdr", "0.1", "--out", str(out),
                               "--json", "-q"])
