@@ -276,6 +276,11 @@ def main_auto(args) -> int:
             for seed in args.seeds:
                 res = run_auto(regime, gen, seed, out, args)
                 tag = res["summary"]["run"]
+                if (out / "auto.json").exists():  # another invocation may have added runs meanwhile
+                    old = json.loads((out / "auto.json").read_text())
+                    mine = {x["run"] for x in summaries}
+                    summaries += [x for x in old.get("runs", []) if x["run"] not in mine]
+                    all_rows += [r for r in old.get("rows", []) if r.get("regime") not in mine]
                 summaries = [x for x in summaries if x["run"] != tag] + [res["summary"]]
                 all_rows = [r for r in all_rows if r.get("regime") != tag] + res["rows"]
                 console.print(B.format_table(res["rows"], title=f"{res['summary']['run']} (test split)"))
