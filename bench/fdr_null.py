@@ -39,6 +39,11 @@ def main() -> int:
     ap.add_argument("--q", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--attacks", default="", help="comma list [default: every registered attack]")
+    ap.add_argument("--queries", type=int, default=0,
+                    help="queries per split [default: half the pool]; few queries against many null images make "
+                         "the check sensitive (with n queries and m null images BH can flag a single image only "
+                         "when 1/(m+1) <= Q/n)")
+    ap.add_argument("--out", default="", help="JSON output [default: RUN/fdr_null.json]")
     args = ap.parse_args()
 
     import numpy as np
@@ -69,32 +74,37 @@ def main() -> int:
         rng = np.random.default_rng(args.seed)
         anyflag = {a: 0 for a in attacks}
         flags_total = {a: 0 for a in attacks}
-        half = len(pool) // 2
+        half = args.queries or len(pool) // 2
+        if not 0 < half < len(pool):
+            raise SystemExit(f"--queries {half}: must be between 1 and {len(pool) - 1}")
+        small = {a: 0 for a in attacks}
         for _ in range(args.splits):
             perm = rng.permutation(len(pool))
             ctx = AttackContext.from_embeddings(gen, pool[perm], k=10)
             for a in attacks:
                 sc = run_attack(a, ctx)
                 p = conformal_pvalues(sc[:half], sc[half:])
+                small[a] += int((p <= args.q).sum())
                 f = bh_flags(p, args.q)
                 anyflag[a] += int(f.any())
                 flags_total[a] += int(f.sum())
         for a in attacks:
             results.append({"space": space, "attack": a, "splits": args.splits, "queries": half, "reference": len(pool) - half,
-                            "share_any_flag": anyflag[a] / args.splits, "mean_flags": flags_total[a] / args.splits})
+                            "share_any_flag": anyflag[a] / args.splits, "mean_flags": flags_total[a] / args.splits,
+                            "share_p_le_q": small[a] / (args.splits * half)})
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("space", "attack", "splits", "queries / reference", f"share with any flag at Q={args.q:g}", "mean flags",
-              title=f"pure null: {run.name}")
+    t = Table("space", "attack", "splits", "queries / null", f"share with any flag at Q={args.q:g}", "mean flags",
+              f"share of p <= {args.q:g}", title=f"pure null: {run.name}")
     for r in results:
         t.add_row(r["space"], r["attack"], str(r["splits"]), f"{r['queries']} / {r['reference']}",
-                  f"{r['share_any_flag']:.3f}", f"{r['mean_flags']:.3f}")
+                  f"{r['share_any_flag']:.3f}", f"{r['mean_flags']:.3f}", f"{r['share_p_le_q']:.3f}")
     Console(width=150).print(t)
     worst = max(r["share_any_flag"] for r in results) if results else None
     out = {"run": str(run), "q": args.q, "seed": args.seed, "results": results, "max_share_any_flag": worst,
            "seconds": round(time.perf_counter() - t0, 1)}
-    (run / "fdr_null.json").write_text(json.dumps(out, indent=2))
+    (Path(args.out) if args.out else run / "fdr_null.json").write_text(json.dumps(out, indent=2))
     print(json.dumps({"max_share_any_flag": worst, "seconds": out["seconds"]}), file=sys.stderr)
     return 0
 
