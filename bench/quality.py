@@ -15,6 +15,18 @@ simmatrix, and every attack calibrated on dev (kappa-optimal cut) and applied to
   the backbones' embeddings with the max_sim / gan_leaks_cal attacks.
 
 Writes OUT/quality.md (markdown table) and OUT/quality.json; prints a table per regime.
+
+Automatic selection (`--auto`, issue 12): every regime x generator x seed
+(`--regimes memorize,balanced,generalize,copies --generators dcgan --seeds 0,1,2`), each in
+OUT/<regime>-<generator>-s<seed>/.  The test embeddings hold the dev real_not_used images too
+(`embed TEST DEV/real_not_used`): known non-members scored in the same context as the test
+images, so every test scores artifact has conformal p-values; they are not predicted.
+Rows: every (feature space, attack) calibrated on dev, the seed's rule, and `auto`
+(`predict --attack auto` over all of them: chosen by repeated stratified CV on dev, its
+nested-CV estimate printed beside the test value); FDR: BH at Q = 0.1 on the auto p-values,
+realised FDR and recall on test.  Writes OUT/auto.md / OUT/auto.json with the per-run table and
+the acceptance summary (auto >= best single row - 0.03; >= median row + 0.05 where a row
+reaches 0.6; how often the test AUC falls inside the nested-CV CI; realised FDR <= 0.1).
 """
 
 from __future__ import annotations
@@ -86,6 +98,205 @@ def run_regime(regime: str, out: Path, args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# automatic selection over regime x generator x seed
+
+
+def _synth_cached(root: Path, overrides: dict, progress: bool) -> None:
+    """Build the dataset unless ``root`` holds one made with the same parameters (fields added to
+    the synth config since, at their defaults, do not invalidate it)."""
+    from dataclasses import asdict, fields
+
+    from ganprint.synth.dataset import SynthConfig, resolve_config, run_synth
+
+    cfg = asdict(resolve_config(**overrides))
+    meta = root / "synth.json"
+    if meta.exists():
+        try:
+            old = json.loads(meta.read_text()).get("config") or {}
+        except ValueError:
+            old = {}
+        defaults = {f.name: f.default for f in fields(SynthConfig)}
+        new = json.loads(json.dumps(cfg))
+        if old and all(old.get(k, defaults.get(k)) == v for k, v in new.items() if k in old or k in defaults):
+            return
+    run_synth(root, resolve_config(**overrides), force=True, progress=progress)
+
+
+def _embed_with_null(root: Path, work: Path, bb: str, progress: bool):
+    """dev embeddings, and test embeddings with the dev non-members added (the null for p-values:
+    scored in the same context as the test images; predict leaves them out of its output)."""
+    from ganprint.benchmark import FeatureSet, add_similarity
+    from ganprint.embed import run_embed
+
+    work.mkdir(parents=True, exist_ok=True)
+    dev = run_embed([str(root / "dev")], work / f"{bb}_dev", backbone=bb, progress=progress).base
+    test = run_embed([str(root / "test"), str(root / "dev" / "real_not_used")], work / f"{bb}_testnull",
+                     backbone=bb, progress=progress).base
+    return add_similarity(FeatureSet(bb, dev, test), work)
+
+
+def _auto_row(sets, truth: dict, bootstrap: int, q: float, seed: int) -> dict:
+    import numpy as np
+
+    from ganprint.conformal import bh_flags, realised_fdr
+    from ganprint.metrics import evaluate
+    from ganprint.predict import predict_auto
+    from ganprint.select import SelectConfig
+
+    t = time.perf_counter()
+    pred = predict_auto([fs.test_sim for fs in sets], [fs.dev_sim for fs in sets], config=SelectConfig(seed=seed))
+    secs = time.perf_counter() - t
+    keep = [i for i, x in enumerate(pred.image_ids) if x in truth]
+    y = np.array([truth[pred.image_ids[i]] for i in keep])
+    m = evaluate(y, np.asarray(pred.labels)[keep], np.asarray(pred.scores)[keep], bootstrap=bootstrap, seed=0)
+    sel = pred.selection
+    nest = sel["nested"]
+    row = {
+        "features": "auto(" + "+".join(fs.name for fs in sets) + ")", "attack": sel["chosen"],
+        "rule": "auto: CV-chosen, dev cut", "n": m["n"], "kappa": m["kappa"], "kappa_ci": m.get("kappa_ci"),
+        "auc": m["auc"], "auc_ci": m.get("auc_ci"), "tpr_at_1fpr": m["tpr_at_fpr"], "accuracy": m["accuracy"],
+        "dev_kappa": None, "threshold": pred.decision.threshold,
+        "nested_auc": nest["auc_mean"], "nested_auc_ci": nest["auc_ci"], "nested_kappa": nest["kappa_mean"],
+        "nested_kappa_ci": nest["kappa_ci"], "nested_choices": nest["choice_counts"], "reason": sel["reason"],
+        "auto_seconds": round(secs, 1),
+    }
+    if pred.pvalues is not None:
+        flags = bh_flags(np.asarray(pred.pvalues)[keep], q)
+        fdr, recall = realised_fdr(flags, y)
+        row.update({"fdr_q": q, "fdr_realised": fdr, "fdr_recall": recall, "fdr_flagged": int(flags.sum()),
+                    "pvalue_null": pred.pvalue_info})
+    return row
+
+
+def run_auto(regime: str, generator: str, seed: int, out: Path, args) -> dict:
+    import numpy as np
+
+    from ganprint import benchmark as B
+
+    tag = f"{regime}-{generator}-s{seed}"
+    root, work = out / tag / "data", out / tag / "work"
+    t = time.perf_counter()
+    synth = {"regime": regime, "seed": seed, **args.synth}
+    if generator != "dcgan":
+        synth["generator"] = generator
+    _synth_cached(root, synth, progress=not args.quiet)
+    timings = {"synth": time.perf_counter() - t}
+    truth = B.read_truth(root)
+    rows, sets = [], []
+    for i, bb in enumerate(args.backbones):
+        t = time.perf_counter()
+        fs = _embed_with_null(root, work, bb, progress=not args.quiet)
+        sets.append(fs)
+        rows += B.attack_rows(fs, truth, seed_rule=(i == 0), bootstrap=args.bootstrap)
+        timings[f"embed+attacks {bb}"] = time.perf_counter() - t
+    auto = _auto_row(sets, truth, args.bootstrap, args.fdr, seed)
+    timings["auto"] = auto["auto_seconds"]
+    rows.append(auto)
+    singles = [r["auc"] for r in rows if r["rule"] == "dev-calibrated" and r["auc"] is not None]
+    best, median = float(np.max(singles)), float(np.median(singles))
+    ci = auto["nested_auc_ci"]
+    summary = {
+        "run": tag, "regime": regime, "generator": generator, "seed": seed, "rows": len(singles),
+        "best_single_auc": best, "best_single": next(f"{r['features']}/{r['attack']}" for r in rows
+                                                     if r["rule"] == "dev-calibrated" and r["auc"] == best),
+        "median_auc": median, "auto_auc": auto["auc"], "auto_choice": auto["attack"],
+        "nested_auc": auto["nested_auc"], "nested_auc_ci": ci,
+        "test_in_ci": bool(ci is not None and ci[0] <= auto["auc"] <= ci[1]),
+        "est_minus_test": auto["nested_auc"] - auto["auc"],
+        "auto_kappa": auto["kappa"], "nested_kappa": auto["nested_kappa"],
+        "ok_best": auto["auc"] >= best - 0.03, "ok_median": (auto["auc"] >= median + 0.05) if best >= 0.6 else None,
+        "fdr_realised": auto.get("fdr_realised"), "fdr_recall": auto.get("fdr_recall"),
+        "fdr_flagged": auto.get("fdr_flagged"), "seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
+    for r in rows:
+        r["regime"] = tag
+    return {"summary": summary, "rows": rows}
+
+
+def _auto_markdown(summaries: list[dict]) -> str:
+    def f(v, nd=3):
+        return "—" if v is None else f"{v:.{nd}f}"
+
+    lines = ["| run | best single row (AUC) | median row AUC | auto: choice | auto AUC test | nested-CV AUC [95% CI] "
+             "| auto κ test | nested κ | FDR@0.1 realised (recall, flagged) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        ci = s["nested_auc_ci"]
+        lines.append(f"| {s['run']} | {s['best_single']} ({f(s['best_single_auc'])}) | {f(s['median_auc'])} | "
+                     f"{s['auto_choice']} | {f(s['auto_auc'])} | {f(s['nested_auc'])}"
+                     f"{'' if not ci else f' [{ci[0]:.2f}, {ci[1]:.2f}]'} | {f(s['auto_kappa'])} | "
+                     f"{f(s['nested_kappa'])} | {f(s['fdr_realised'])} ({f(s['fdr_recall'], 2)}, {s['fdr_flagged']}) |")
+    return "\n".join(lines)
+
+
+def _acceptance(summaries: list[dict]) -> dict:
+    """Per regime x generator, over seeds: mean AUCs and the acceptance checks."""
+    import numpy as np
+
+    groups: dict[str, list[dict]] = {}
+    for s in summaries:
+        groups.setdefault(f"{s['regime']}-{s['generator']}", []).append(s)
+    out = {}
+    for key, ss in groups.items():
+        best = float(np.mean([s["best_single_auc"] for s in ss]))
+        med = float(np.mean([s["median_auc"] for s in ss]))
+        auto = float(np.mean([s["auto_auc"] for s in ss]))
+        fdrs = [s["fdr_realised"] for s in ss if s["fdr_realised"] is not None]
+        recs = [s["fdr_recall"] for s in ss if s["fdr_recall"] is not None]
+        out[key] = {
+            "seeds": [s["seed"] for s in ss], "mean_best_single_auc": best, "mean_median_auc": med,
+            "mean_auto_auc": auto, "mean_nested_auc": float(np.mean([s["nested_auc"] for s in ss])),
+            "ok_best(mean)": auto >= best - 0.03,
+            "ok_median(mean)": (auto >= med + 0.05) if max(s["best_single_auc"] for s in ss) >= 0.6 else None,
+            "runs_ok_best": f"{sum(s['ok_best'] for s in ss)}/{len(ss)}",
+            "test_in_nested_ci": f"{sum(s['test_in_ci'] for s in ss)}/{len(ss)}",
+            "mean_est_minus_test": float(np.mean([s["est_minus_test"] for s in ss])),
+            "mean_fdr_realised": float(np.mean(fdrs)) if fdrs else None,
+            "mean_fdr_recall": float(np.mean(recs)) if recs else None,
+        }
+    return out
+
+
+def main_auto(args) -> int:
+    from rich.console import Console
+
+    from ganprint import benchmark as B
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console(width=170)
+    summaries, all_rows = [], []
+    if (out / "auto.json").exists() and not args.fresh:
+        # runs of earlier invocations into the same OUT are kept (a rerun of a run replaces it)
+        old = json.loads((out / "auto.json").read_text())
+        summaries, all_rows = old.get("runs", []), old.get("rows", [])
+    for regime in [r for r in args.regimes.split(",") if r]:
+        for gen in [g for g in args.generators.split(",") if g]:
+            for seed in args.seeds:
+                res = run_auto(regime, gen, seed, out, args)
+                tag = res["summary"]["run"]
+                if (out / "auto.json").exists():  # another invocation may have added runs meanwhile
+                    old = json.loads((out / "auto.json").read_text())
+                    mine = {x["run"] for x in summaries}
+                    summaries += [x for x in old.get("runs", []) if x["run"] not in mine]
+                    all_rows += [r for r in old.get("rows", []) if r.get("regime") not in mine]
+                summaries = [x for x in summaries if x["run"] != tag] + [res["summary"]]
+                all_rows = [r for r in all_rows if r.get("regime") != tag] + res["rows"]
+                console.print(B.format_table(res["rows"], title=f"{res['summary']['run']} (test split)"))
+                print(json.dumps(res["summary"], default=float), file=sys.stderr)
+                acc = _acceptance(summaries)
+                (out / "auto.json").write_text(json.dumps({"runs": summaries, "acceptance": acc,
+                                                           "rows": [B.public(r) for r in all_rows]},
+                                                          indent=2, default=float))
+                (out / "auto.md").write_text(_auto_markdown(summaries) + "\n\n" + B.markdown_table(
+                    [B.public(r) for r in all_rows]) + "\n")
+    console.print(_auto_markdown(summaries))
+    console.print_json(json.dumps(_acceptance(summaries), default=float))
+    print(f"wrote {out / 'auto.md'}", file=sys.stderr)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regimes", default="memorize,generalize")
@@ -97,10 +308,18 @@ def main() -> int:
     ap.add_argument("--train-epochs", type=float, default=None)
     ap.add_argument("--synth", default="", help="synth overrides, e.g. size=64,gan_res=32,steps=200 (for quick runs)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--auto", action="store_true", help="automatic-selection runs: regimes x generators x seeds")
+    ap.add_argument("--generators", default="dcgan", help="--auto: synth generators, e.g. dcgan,ddpm")
+    ap.add_argument("--seeds", default="0", help="--auto: synth seeds, e.g. 0,1,2")
+    ap.add_argument("--fdr", type=float, default=0.1, help="--auto: BH level for the FDR columns")
+    ap.add_argument("--fresh", action="store_true", help="--auto: forget the runs already in OUT/auto.json")
     args = ap.parse_args()
+    args.seeds = [int(v) for v in args.seeds.split(",") if v]
     args.backbones = [b for b in args.backbones.split(",") if b]
     args.synth = {k: (float(v) if "." in v else int(v)) for k, v in (kv.split("=") for kv in args.synth.split(",") if kv)}
 
+    if args.auto:
+        return main_auto(args)
     from rich.console import Console
 
     from ganprint import benchmark as B

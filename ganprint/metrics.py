@@ -367,10 +367,19 @@ def run_score(predictions, truth=None, *, bootstrap: int = 1000, seed: int = 0, 
     res["predictions"] = pred["source"]
     res["truth"] = truth_src
     prov = pred["provenance"] or {}
+    # realised false discovery rate of the images labelled 1 (flagged): false flags / flags
+    n_flag = int(np.asarray(pred["labels"]).sum())
+    res["fdr_realised"] = float(((np.asarray(pred["labels"]) == 1) & (y == 0)).sum() / n_flag) if n_flag else 0.0
+    res["fdr_target"] = None
     if prov:
         res["attack"] = prov.get("attack")
         res["rule"] = prov.get("rule")
         res["threshold"] = prov.get("threshold")
+        res["fdr_target"] = prov.get("fdr")
+        if isinstance(prov.get("selection"), dict):
+            sel = prov["selection"]
+            res["chosen"] = sel.get("chosen")
+            res["nested"] = {k: (sel.get("nested") or {}).get(k) for k in ("auc_mean", "auc_ci", "kappa_mean", "kappa_ci")}
     if plot is not None:
         if pred["scores"] is None:
             raise GanprintError(f"--plot needs scores; {pred['source']} is a CSV of labels, pass the scores "

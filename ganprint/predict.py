@@ -9,7 +9,19 @@ Decision rules (exactly one):
                  the best interval of cuts, ties between equally good intervals go to the middle
                  one; the dev kappa is reported;
 - ``quantile``   label 1 the top ``round((1 - Q) * R)`` images by score;
-- ``balanced``   quantile 0.5: the top half.
+- ``balanced``   quantile 0.5: the top half;
+- ``fdr``        Benjamini-Hochberg at level Q on conformal p-values (ganprint.conformal): needs
+                 known non-members scored the same way, i.e. a similarity artifact made with
+                 ``simmatrix --reference`` (its reference images are scored against the same
+                 generated set, each left out of its own reference set) or one whose real images
+                 include labelled non-members (dev data: those rows, leave-one-out).
+
+p-values are computed (column ``pvalue``, BH-adjusted ``qvalue``) whenever such non-members exist.
+
+``attack="auto"`` (:func:`predict_auto`): every registered attack on every feature space (one
+similarity artifact per space, all of the same real images) is a candidate; ganprint.select
+chooses one by repeated stratified CV on labelled dev artifacts and reports the nested-CV
+estimate of the whole choice.
 
 Rank-based rules break score ties by a digest of the image id, never by input order: the
 input order follows the folder layout (real_used before real_not_used on dev data), and
@@ -28,7 +40,7 @@ from typing import Any, Mapping
 
 from ganprint.errors import ArtifactError, GanprintError
 
-RULES = ("threshold", "calibrate", "quantile", "balanced")
+RULES = ("threshold", "calibrate", "quantile", "balanced", "fdr")
 
 
 @dataclass
@@ -124,18 +136,15 @@ def _truth(table):
 
 
 def _check_dev(test_prov: Mapping[str, Any], dev_prov: Mapping[str, Any], test_name: str, dev_name: str) -> None:
-    from ganprint.similarity import check_comparable
+    from ganprint.candidates import check_dev_pair
 
-    check_comparable(dict(test_prov.get("generated") or test_prov), test_name,
-                     dict(dev_prov.get("generated") or dev_prov), dev_name)
-    if test_prov.get("metric") != dev_prov.get("metric"):
-        raise ArtifactError(f"{test_name} and {dev_name}: metrics differ ({test_prov.get('metric')} vs "
-                            f"{dev_prov.get('metric')}); run simmatrix with the same --metric")
+    check_dev_pair(test_prov, dev_prov, test_name, dev_name)
 
 
 @dataclass
 class Prediction:
-    """Scores and decisions for the real images of one similarity artifact."""
+    """Scores and decisions for the real images of one similarity artifact (or, for ``auto``,
+    of the real images common to several)."""
 
     image_ids: list[str]
     scores: Any  # float64 [R]
@@ -145,10 +154,53 @@ class Prediction:
     truth: Any = None  # float64 [R], nan = unknown; None when no label is known
     similarity_path: str | None = None
     similarity_provenance: dict[str, Any] = field(default_factory=dict)
+    pvalues: Any = None  # float64 [R] conformal p-values vs known non-members, or None
+    pvalue_info: dict[str, Any] | None = None
+    selection: dict[str, Any] | None = None  # auto: every candidate's CV result, the choice, nested CV
+    sources: list[dict[str, Any]] | None = None  # auto: the feature spaces (test + dev artifacts)
 
     @property
     def labels(self):
         return self.decision.labels
+
+
+def _choose_rule(threshold, calibrate, quantile, balanced, fdr, *, auto: bool = False) -> str:
+    chosen = [name for name, on in (("threshold", threshold is not None), ("calibrate", calibrate is not None and not auto),
+                                    ("quantile", quantile is not None), ("balanced", balanced),
+                                    ("fdr", fdr is not None)) if on]
+    if auto and "threshold" in chosen:
+        raise GanprintError("--attack auto: --threshold is not allowed (scores of different candidates have different "
+                            "scales); use the fitted cut (default), --fdr Q, --quantile Q or --balanced")
+    if len(chosen) > 1:
+        raise GanprintError(f"choose one decision rule, got {' and '.join('--' + c for c in chosen)}")
+    if not chosen:
+        if auto:
+            return "calibrate"
+        raise GanprintError("choose a decision rule: --threshold T, --calibrate DEV, --quantile Q, --balanced or --fdr Q")
+    return chosen[0]
+
+
+def _pvalues(null, scores):
+    """(p [R], info) from NullScores, or (None, None)."""
+    from ganprint.conformal import conformal_pvalues
+
+    if null is None:
+        return None, None
+    return conformal_pvalues(scores, null.scores, null.self_index), null.info()
+
+
+def _fdr_decision(pvalues, q: float, source: str) -> Decision:
+    """BH flags at level q over the images to label (the null rows are not in the family)."""
+    import numpy as np
+
+    from ganprint.conformal import bh_flags, check_q
+
+    q = check_q(q)
+    if pvalues is None:
+        raise GanprintError(f"{source}: --fdr needs known non-members scored the same way: run simmatrix with "
+                            "--reference EMB (embeddings whose label-0 rows, e.g. the dev real_not_used images, "
+                            "are known non-members)")
+    return Decision(bh_flags(pvalues, q).astype(np.int64), "fdr", None, quantile=q)
 
 
 def predict(
@@ -160,30 +212,44 @@ def predict(
     calibrate=None,
     quantile: float | None = None,
     balanced: bool = False,
+    fdr: float | None = None,
 ) -> Prediction:
     """Run ``attack`` on similarity artifact ``sim`` (path or Artifact) and apply one rule.
 
-    ``calibrate``: a labelled dev similarity artifact (path or Artifact).
+    ``calibrate``: a labelled dev similarity artifact (path or Artifact); ``fdr``: BH level Q on the
+    conformal p-values (needs known non-members, see the module doc).
     """
     import numpy as np
 
     from ganprint.artifacts import Artifact
     from ganprint.attacks import resolved_params
+    from ganprint.candidates import check_no_label_leak, null_scores, output_rows
 
-    chosen = [name for name, on in (("threshold", threshold is not None), ("calibrate", calibrate is not None),
-                                    ("quantile", quantile is not None), ("balanced", balanced)) if on]
-    if len(chosen) > 1:
-        raise GanprintError(f"choose one decision rule, got {' and '.join('--' + c for c in chosen)}")
-    if not chosen:
-        raise GanprintError("choose a decision rule: --threshold T, --calibrate DEV, --quantile Q or --balanced")
-    rule = chosen[0]
+    if attack == "auto":
+        return predict_auto([sim], [calibrate] if calibrate is not None else [], quantile=quantile,
+                            balanced=balanced, fdr=fdr, threshold=threshold)
+    rule = _choose_rule(threshold, calibrate, quantile, balanced, fdr)
     params = resolved_params(attack, params)
     art = sim if isinstance(sim, Artifact) else load_similarity(sim)
     name = f"{art.base}.safetensors"
-    _, scores = attack_scores(art, attack, params)
+    ctx, scores = attack_scores(art, attack, params)
     ids = [str(i) for i in art.table["image_id"].tolist()]
+    try:
+        pvalues, pinfo = _pvalues(null_scores(art, ctx, attack, params, scores), scores)
+    except GanprintError as exc:
+        if rule == "fdr":
+            raise
+        pvalues, pinfo = None, {"null": None, "reason": str(exc)}
+    # known non-members added to a test artifact are the null, not images to label
+    keep = output_rows(art.table)
+    scores, ids = scores[keep], [ids[i] for i in keep]
+    pvalues = None if pvalues is None else pvalues[keep]
+    truth_all = _truth(art.table)
+    truth_out = None if truth_all is None else truth_all[keep]
     if rule == "threshold":
         dec = Decision(decide_threshold(scores, float(threshold)), rule, float(threshold))
+    elif rule == "fdr":
+        dec = _fdr_decision(pvalues, fdr, name)
     elif rule in ("quantile", "balanced"):
         q = 0.5 if rule == "balanced" else float(quantile)
         labels, thr = decide_quantile(scores, q, ids)
@@ -192,6 +258,7 @@ def predict(
         dev = calibrate if isinstance(calibrate, Artifact) else load_similarity(calibrate)
         dev_name = f"{dev.base}.safetensors"
         _check_dev(art.provenance, dev.provenance, name, dev_name)
+        check_no_label_leak(dev)
         _, dev_scores = attack_scores(dev, attack, params)
         truth = _truth(dev.table)
         if truth is None:
@@ -204,8 +271,124 @@ def predict(
                             "n_pos": int(truth[known].sum()), "pair_id": dev.provenance.get("pair_id"),
                             # the cut was tuned on the very images it labels: the dev kappa is optimistic
                             "same_as_test": dev.provenance.get("pair_id") == art.provenance.get("pair_id")})
-    return Prediction(ids, scores, dec, attack, params, _truth(art.table), str(Path(art.base).resolve()),
-                      dict(art.provenance))
+    return Prediction(ids, scores, dec, attack, params, truth_out, str(Path(art.base).resolve()),
+                      dict(art.provenance), pvalues, pinfo)
+
+
+def predict_auto(
+    sims,
+    calibrate,
+    *,
+    attacks: list[str] | None = None,
+    config=None,
+    quantile: float | None = None,
+    balanced: bool = False,
+    fdr: float | None = None,
+    threshold: float | None = None,
+    nested: bool = True,
+) -> Prediction:
+    """Automatic selection (ganprint.select) over every (feature space, attack) candidate.
+
+    ``sims``: similarity artifacts (paths or Artifacts) of the images to label, one per feature
+    space, all of the same real images; ``calibrate``: the labelled dev similarity artifact of each
+    of those feature spaces (any order).  ``config``: ganprint.select.SelectConfig.  Decision: the
+    chosen procedure's kappa-optimal cut fitted on dev (default), ``fdr`` Q (BH on conformal
+    p-values), ``quantile`` or ``balanced``.
+    """
+    import numpy as np
+
+    from ganprint.candidates import collect, load_spaces
+    from ganprint.select import SINGLE, SelectConfig, candidate_matrix, select
+
+    rule = _choose_rule(threshold, None, quantile, balanced, fdr, auto=True)
+    cfg = config or SelectConfig()
+    spaces, test_ids, dev_ids = load_spaces(list(sims), list(calibrate or []))
+    cands, skipped = collect(spaces, attacks=attacks)
+    X_dev, X_test, names = candidate_matrix(cands)
+    y = _truth(spaces[0].dev.table)
+    if y is None:
+        raise GanprintError(f"{spaces[0].dev.base}.safetensors: has no labels; --calibrate needs a dev set with "
+                            "real_used/ and real_not_used/ images")
+    y = y[spaces[0].dev_order]
+    known = np.isfinite(y)
+    sel = select(X_dev[known], y[known].astype(np.int64), names, cfg, nested=nested)
+    proc = sel.procedure
+    scores = sel.score(X_test)
+    used = [cands[j] for j in proc.columns]
+    # p-values: the chosen procedure applied to null scores of the same images in every used column
+    pvalues, pinfo = None, None
+    nulls = [c.null for c in used]
+    if all(n is not None for n in nulls) and all(n.ids == nulls[0].ids and n.source == nulls[0].source
+                                                 for n in nulls):
+        N = np.full((len(nulls[0].scores), X_test.shape[1]), np.nan)
+        for j, c in enumerate(cands):  # every column with null scores of the same images
+            if c.null is not None and c.null.ids == nulls[0].ids and c.null.source == nulls[0].source:
+                N[:, j] = c.null.scores
+        from ganprint.conformal import conformal_pvalues
+
+        null_s = proc.score(N)
+        if proc.kind != SINGLE:
+            null_s = _oof_null(null_s, N, nulls[0].ids, X_dev[known], y[known].astype(np.int64),
+                               [i for i, k in zip(dev_ids, known) if k], names, sel, cfg)
+        pvalues = conformal_pvalues(scores, null_s, nulls[0].self_index)
+        pinfo = nulls[0].info()
+        pinfo["combination_null"] = "out-of-fold" if proc.kind != SINGLE else None
+    # known non-members added to the test artifacts are the null, not images to label
+    from ganprint.candidates import output_rows
+
+    t0 = spaces[0].test
+    out_ids = {str(t0.table["image_id"].iloc[int(r)]) for r in output_rows(t0.table)}
+    keep = np.asarray([n for n, i in enumerate(test_ids) if i in out_ids], dtype=np.int64)
+    X_test, scores, test_ids = X_test[keep], scores[keep], [test_ids[n] for n in keep]
+    pvalues = None if pvalues is None else pvalues[keep]
+    name = "+".join(f"{s.test.base}" for s in spaces)
+    if rule == "fdr":
+        dec = _fdr_decision(pvalues, fdr, name)
+    elif rule in ("quantile", "balanced"):
+        q = 0.5 if rule == "balanced" else float(quantile)
+        labels, thr = decide_quantile(scores, q, test_ids)
+        dec = Decision(labels, rule, thr, quantile=q)
+    else:
+        dec = Decision(sel.decide(X_test), "calibrate", float(proc.threshold),
+                       dev={"paths": [str(Path(s.dev.base).resolve()) for s in spaces], "n": int(known.sum()),
+                            "n_pos": int(y[known].sum())})
+    info = sel.to_dict()
+    info["candidate_info"] = {c.name: c.info for c in cands}
+    info["skipped"] = skipped
+    chosen_space = next((s for s in spaces if s.name == used[0].info.get("space")), spaces[0])
+    truth = _truth(spaces[0].test.table)
+    if truth is not None:
+        truth = truth[spaces[0].test_order][keep]
+    params = dict(used[0].info.get("params") or {}) if proc.kind == SINGLE else {}
+    return Prediction(test_ids, scores, dec, "auto", params, truth, str(Path(chosen_space.test.base).resolve()),
+                      dict(chosen_space.test.provenance), pvalues, pinfo, info,
+                      [s.describe() for s in spaces])
+
+
+def _oof_null(null_s, N, null_ids, X, y, ids, names, sel, cfg):
+    """Null scores of a *fitted* combination, out of fold for null images that are labelled dev
+    images: a stacker scores its own training non-members lower than fresh ones, which would make
+    the p-values of fresh non-members too small."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedKFold
+
+    from ganprint.select import candidate_names, fit_procedure
+
+    pos = {i: n for n, i in enumerate(ids)}
+    rows = np.asarray([pos.get(i, -1) for i in null_ids])
+    if not (rows >= 0).any():
+        return null_s
+    out = np.asarray(null_s, dtype=np.float64).copy()
+    idx = candidate_names(names, cfg).index(sel.chosen)
+    k = min(cfg.folds, int(np.bincount(y, minlength=2).min()))
+    for tr, te in StratifiedKFold(n_splits=k, shuffle=True, random_state=cfg.seed).split(X, y):
+        part = fit_procedure(X[tr], y[tr], idx, names, cfg)
+        hit = np.flatnonzero(np.isin(rows, te))
+        if len(hit):
+            s = part.score(N[hit])
+            ok = np.isfinite(s)  # a column without null scores: keep the full fit's score
+            out[hit[ok]] = s[ok]
+    return out
 
 
 def scores_table(pred: Prediction):
@@ -219,6 +402,11 @@ def scores_table(pred: Prediction):
     })
     if pred.truth is not None:
         table["label"] = pd.array([None if math.isnan(v) else int(v) for v in pred.truth], dtype="Int8")
+    if pred.pvalues is not None:
+        from ganprint.conformal import bh_adjust
+
+        table["pvalue"] = np.asarray(pred.pvalues, dtype=np.float64)
+        table["qvalue"] = bh_adjust(pred.pvalues)
     return table
 
 
@@ -229,18 +417,25 @@ def write_scores(pred: Prediction, out: str | os.PathLike) -> Path:
     from ganprint.artifacts import base_provenance, write_artifact
 
     d = pred.decision
+    extra: dict[str, Any] = {}
+    if pred.selection is not None:
+        extra["selection"] = pred.selection
+        extra["sources"] = pred.sources
     prov = base_provenance(
         "scores", "predict",
         attack=pred.attack,
         params=pred.params,
         rule=d.rule,
         threshold=d.threshold,
-        quantile=d.quantile,
+        quantile=d.quantile if d.rule != "fdr" else None,
+        fdr=d.quantile if d.rule == "fdr" else None,
         dev_kappa=d.dev_kappa,
         dev=d.dev,
+        pvalues=pred.pvalue_info,
         similarity_path=pred.similarity_path,
         similarity=pred.similarity_provenance,
         rows=len(pred.image_ids),
+        **extra,
     )
     return write_artifact(out, {"scores": torch.as_tensor(pred.scores, dtype=torch.float32)}, scores_table(pred), prov)
 
@@ -267,6 +462,8 @@ def run_predict(
     calibrate=None,
     quantile: float | None = None,
     balanced: bool = False,
+    fdr: float | None = None,
+    config=None,
     submission: str | os.PathLike | None = None,
     header: bool = False,
     write_csv: bool = True,
@@ -280,14 +477,14 @@ def run_predict(
     # every output checked (and the scores artifact claimed) before any work; then written all or nothing
     ensure_writable(out)
     try:
-        return _run_predict(sim, out, attack, params, threshold, calibrate, quantile, balanced, submission,
-                            header, write_csv, t0)
+        return _run_predict(sim, out, attack, params, threshold, calibrate, quantile, balanced, fdr, config,
+                            submission, header, write_csv, t0)
     finally:
         release_output_lock(out)
 
 
-def _run_predict(sim, out, attack, params, threshold, calibrate, quantile, balanced, submission, header,
-                 write_csv, t0) -> PredictOutcome:
+def _run_predict(sim, out, attack, params, threshold, calibrate, quantile, balanced, fdr, config, submission,
+                 header, write_csv, t0) -> PredictOutcome:
     from ganprint.artifacts import artifact_base, artifact_paths
     from ganprint.submission import check_submission_path, stage_submission
 
@@ -295,8 +492,23 @@ def _run_predict(sim, out, attack, params, threshold, calibrate, quantile, balan
     if write_csv:
         csv_path = check_submission_path(Path(submission) if submission is not None
                                          else Path(str(artifact_base(out)) + ".csv"))
-    pred = predict(sim, attack, params, threshold=threshold, calibrate=calibrate, quantile=quantile,
-                   balanced=balanced)
+    if attack == "auto":
+        if params:
+            raise GanprintError("--attack auto: --param is not allowed (every attack runs with its defaults)")
+        sims = list(sim) if isinstance(sim, (list, tuple)) else [sim]
+        devs = list(calibrate) if isinstance(calibrate, (list, tuple)) else ([] if calibrate is None else [calibrate])
+        pred = predict_auto(sims, devs, config=config, threshold=threshold, quantile=quantile, balanced=balanced,
+                            fdr=fdr)
+    else:
+        if isinstance(sim, (list, tuple)) or isinstance(calibrate, (list, tuple)):
+            sims = list(sim) if isinstance(sim, (list, tuple)) else [sim]
+            devs = list(calibrate) if isinstance(calibrate, (list, tuple)) else [calibrate]
+            if len(sims) > 1 or len(devs) > 1:
+                raise GanprintError(f"{len(sims)} similarity and {len(devs)} --calibrate artifacts: several feature "
+                                    "spaces need --attack auto")
+            sim, calibrate = sims[0], devs[0]
+        pred = predict(sim, attack, params, threshold=threshold, calibrate=calibrate, quantile=quantile,
+                       balanced=balanced, fdr=fdr)
     staged = None
     if csv_path is not None:
         staged = stage_submission(csv_path, pred.image_ids, pred.labels.tolist(), header=header,

@@ -80,7 +80,8 @@ def test_run_predict_writes_scores_artifact_and_submission(tmp_path):
     res = run_predict(sim, tmp_path / "scores", "max_sim", balanced=True)
     art = read_artifact(res.base, kind="scores")
     t = art.table
-    assert list(t.columns) == ["image_id", "score", "label_pred", "label"]
+    # labelled non-members among the real images: conformal p-values against them (leave-one-out)
+    assert list(t.columns) == ["image_id", "score", "label_pred", "label", "pvalue", "qvalue"]
     assert t["label_pred"].sum() == 5 and t["label"].tolist() == [1] * 5 + [0] * 5
     assert art.tensors["scores"].shape == (10,)
     p = art.provenance

@@ -1,4 +1,4 @@
-"""``ganprint predict``: similarity artifact -> attack scores, 0/1 decisions, submission CSV."""
+"""``ganprint predict``: similarity artifact(s) -> attack scores (or an automatic choice), 0/1 decisions, submission CSV."""
 
 from __future__ import annotations
 
@@ -33,16 +33,40 @@ def _list_attacks(as_json: bool) -> None:
     Console().print(t)
 
 
+def _selection_lines(sel: dict) -> list[str]:
+    """Human summary of an auto selection (stderr)."""
+    nest = sel.get("nested") or {}
+    lines = [f"auto: chose {sel['chosen']} ({sel['reason']}) from {len(sel['candidates'])} candidates on "
+             f"{sel['n']} labelled images"]
+    if nest.get("auc_mean") is not None:
+        a_ci, k_ci = nest.get("auc_ci"), nest.get("kappa_ci")
+        lines.append("nested-CV estimate of this choice: AUC {:.3f}{}, kappa {:.3f}{} ({} outer folds; chosen: {})".format(
+            nest["auc_mean"], f" [{a_ci[0]:.2f}, {a_ci[1]:.2f}]" if a_ci else "",
+            nest["kappa_mean"], f" [{k_ci[0]:.2f}, {k_ci[1]:.2f}]" if k_ci else "", nest["n_splits"],
+            ", ".join(f"{k} x{v}" for k, v in (nest.get("choice_counts") or {}).items())))
+    return lines
+
+
 @handle_errors
 def predict(
-    similarity: Optional[str] = typer.Argument(None, help="Similarity artifact from `ganprint simmatrix` (- reads the path from stdin)."),
+    similarity: Optional[list[str]] = typer.Argument(None, help="Similarity artifact(s) from `ganprint simmatrix` (- reads "
+                                                               "the path from stdin); several (one per feature space, same "
+                                                               "real images) with --attack auto."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Scores artifact base path (OUT.safetensors, OUT.parquet)."),
-    attack: str = typer.Option("max_sim", "--attack", "-a", help="Attack (see --list-attacks).", autocompletion=complete_attack),
+    attack: str = typer.Option("max_sim", "--attack", "-a", help="Attack (see --list-attacks), or auto: choose among every "
+                                                                 "attack x feature space by cross-validation on --calibrate.",
+                               autocompletion=complete_attack),
     param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="Attack parameter KEY=VALUE (repeatable)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Rule: label 1 iff score >= T (the seed: 0.6 on max_sim)."),
-    calibrate: Optional[str] = typer.Option(None, "--calibrate", help="Rule: cut maximising Cohen's kappa on this labelled dev similarity artifact."),
+    calibrate: Optional[list[str]] = typer.Option(None, "--calibrate", help="Labelled dev similarity artifact (rule: cut "
+                                                                           "maximising Cohen's kappa there); with --attack "
+                                                                           "auto once per feature space."),
     quantile: Optional[float] = typer.Option(None, "--quantile", help="Rule: label 1 the top (1-Q) fraction by score."),
     balanced: bool = typer.Option(False, "--balanced", help="Rule: label 1 the top half (= --quantile 0.5)."),
+    fdr: Optional[float] = typer.Option(None, "--fdr", help="Rule: flag images by Benjamini-Hochberg at false discovery "
+                                                           "rate Q on conformal p-values (needs simmatrix --reference "
+                                                           "or labelled non-members)."),
+    seed: int = typer.Option(0, "--seed", help="--attack auto: seed of the cross-validation splits."),
     submission: Optional[Path] = typer.Option(None, "--submission", "-s", help="Submission CSV path [default: OUT.csv]."),
     header: bool = typer.Option(False, "--header", help="Seed's variant: header line 'original_image,label' (the official format has none)."),
     no_csv: bool = typer.Option(False, "--no-csv", help="Write only the scores artifact."),
@@ -50,42 +74,71 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the artifact path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No log line."),
 ) -> None:
-    """Score every real image with an attack, decide 0/1, write scores + submission. Prints the scores artifact path."""
+    """Score every real image with an attack (or choose one: --attack auto), decide 0/1, write scores + submission. Prints the scores artifact path."""
     from ganprint.errors import GanprintError
 
     if list_attacks:
         _list_attacks(as_json)
         return
-    if similarity is None:
+    sims = list(similarity or [])
+    devs = list(calibrate or [])
+    if not sims:
         raise GanprintError("missing SIMILARITY: pass the output of `ganprint simmatrix` (or - to read it from stdin)")
     if out is None:
         raise GanprintError("missing --out: where to write the scores artifact")
+    auto = attack == "auto"
+    if not auto and (len(sims) > 1 or len(devs) > 1):
+        raise GanprintError(f"{len(sims)} similarity and {len(devs)} --calibrate artifacts: several feature spaces "
+                            "need --attack auto")
+    if auto and not devs:
+        raise GanprintError("--attack auto needs labelled dev data: pass --calibrate DEV_SIM once per feature space")
     from ganprint.artifacts import resolve_artifact_arg
-    from ganprint.attacks import parse_params
     from ganprint.predict import run_predict
     from ganprint.progress import log
 
-    if similarity == "-" and calibrate == "-":
+    if (sims + devs).count("-") > 1:
         raise GanprintError("only one artifact can come from stdin (-)")
-    if "-" in (similarity, calibrate):
+    if "-" in sims + devs:
         from ganprint.similarity import preload
 
         preload("sklearn.decomposition", "scipy.stats")  # import while the upstream stage still runs
-    sim = resolve_artifact_arg(similarity)
-    dev = resolve_artifact_arg(calibrate) if calibrate is not None else None
-    params = parse_params(attack, param)
-    res = run_predict(sim, out, attack, params, threshold=threshold, calibrate=dev, quantile=quantile,
-                      balanced=balanced, submission=submission, header=header, write_csv=not no_csv)
+    sim_args = [resolve_artifact_arg(a) for a in sims]
+    dev_args = [resolve_artifact_arg(a) for a in devs]
+    if auto:
+        from ganprint.select import SelectConfig
+
+        res = run_predict(sim_args, out, "auto", None, threshold=threshold, calibrate=dev_args, quantile=quantile,
+                          balanced=balanced, fdr=fdr, config=SelectConfig(seed=seed), submission=submission,
+                          header=header, write_csv=not no_csv)
+    else:
+        from ganprint.attacks import parse_params
+
+        params = parse_params(attack, param)
+        res = run_predict(sim_args[0], out, attack, params, threshold=threshold,
+                          calibrate=dev_args[0] if dev_args else None, quantile=quantile, balanced=balanced, fdr=fdr,
+                          submission=submission, header=header, write_csv=not no_csv)
     pred = res.prediction
     d = pred.decision
     summary = {"artifact": str(res.base), "submission": str(res.submission) if res.submission else None,
                "attack": attack, "params": pred.params, "rule": d.rule, "threshold": d.threshold,
-               "quantile": d.quantile, "dev_kappa": d.dev_kappa, "n": len(pred.image_ids), "n_pred_pos": res.n_pos}
+               "quantile": d.quantile if d.rule != "fdr" else None, "fdr": d.quantile if d.rule == "fdr" else None,
+               "dev_kappa": d.dev_kappa, "n": len(pred.image_ids), "n_pred_pos": res.n_pos,
+               "pvalues": pred.pvalue_info}
+    if pred.selection is not None:
+        summary["selection"] = pred.selection
     if not quiet:
-        msg = f"{attack}: {res.n_pos}/{len(pred.image_ids)} labelled 1 ({d.rule}, threshold {d.threshold:.6g}"
-        if d.dev_kappa is not None:
-            msg += f", dev kappa {d.dev_kappa:.3f} on {d.dev['n']} images"
-        msg += ")"
+        if pred.selection is not None:
+            for line in _selection_lines(pred.selection):
+                log(line)
+        what = pred.selection["chosen"] if pred.selection is not None else attack
+        if d.rule == "fdr":
+            msg = f"{what}: {res.n_pos}/{len(pred.image_ids)} flagged at FDR {d.quantile:g} (Benjamini-Hochberg on " \
+                  f"conformal p-values, {pred.pvalue_info['n_null']} known non-members)"
+        else:
+            msg = f"{what}: {res.n_pos}/{len(pred.image_ids)} labelled 1 ({d.rule}, threshold {d.threshold:.6g}"
+            if d.dev_kappa is not None:
+                msg += f", dev kappa {d.dev_kappa:.3f} on {d.dev['n']} images"
+            msg += ")"
         if res.submission:
             msg += f"; submission {res.submission}"
         log(msg)

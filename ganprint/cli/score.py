@@ -58,6 +58,12 @@ def score(
     t.add_row("F1", _fmt(res["f1"]), "")
     t.add_row("ROC AUC", _fmt(res["auc"]), ci("auc_ci"))
     t.add_row(f"TPR at {res['max_fpr'] * 100:g}% FPR", _fmt(res["tpr_at_fpr"]), "")
+    target = f" (target {res['fdr_target']:g})" if res.get("fdr_target") is not None else ""
+    t.add_row(f"realised FDR{target}", _fmt(res.get("fdr_realised")), "")
+    if res.get("nested") and res["nested"].get("auc_mean") is not None:
+        n = res["nested"]
+        t.add_row(f"nested-CV AUC estimate ({res.get('chosen')})", _fmt(n["auc_mean"]),
+                  "-" if not n.get("auc_ci") else f"[{n['auc_ci'][0]:.3f}, {n['auc_ci'][1]:.3f}]")
     console = Console()
     console.print(t)
     if res["bootstrap"]:
