@@ -122,11 +122,11 @@ def _sqnorm(x) -> Any:
 
 @dataclass
 class _Keys:
-    """Candidate-side descriptors, converted once: int8 [N, cap8, D'], squared norms int32
-    [N, cap8] (BIG in padding slots), counts [N]; cap8 = cap rounded up to 8 (int matmul tiles)."""
+    """Candidate-side descriptors, converted once: int8 [N, cap8, D'], minus the squared norms int32
+    [N, cap8] (-BIG in padding slots), counts [N]; cap8 = cap rounded up to 8 (int matmul tiles)."""
 
     desc: Any
-    sqn: Any
+    nsqn: Any
     counts: np.ndarray
     dim: int
 
@@ -142,7 +142,7 @@ def _prepare_keys(ls: LocalSet) -> _Keys:
     sqn = _sqnorm(d)
     valid = torch.arange(cap8).view(1, -1) < torch.as_tensor(ls.counts).view(-1, 1)
     sqn = sqn.masked_fill(~valid, BIG)
-    return _Keys(d.contiguous(), sqn.contiguous(), np.asarray(ls.counts, dtype=np.int64), dim)
+    return _Keys(d.contiguous(), (-sqn).contiguous(), np.asarray(ls.counts, dtype=np.int64), dim)
 
 
 def _two_nearest(qd, keys: _Keys, cq: np.ndarray, norm: str):
@@ -160,20 +160,20 @@ def _two_nearest(qd, keys: _Keys, cq: np.ndarray, norm: str):
     q = qd if n > 16 else torch.cat([qd, torch.zeros(17 - n, qd.shape[1], dtype=torch.int8)])
     dot = torch._int_mm(q, cd.reshape(K * width, -1).T)[:n].view(n, K, width)
     # maximise 2 q.c - |c|^2  <=>  minimise |q - c|^2 = |q|^2 - (2 q.c - |c|^2)
-    score = dot.mul_(2).sub_(keys.sqn[ci, :width].view(1, K, width))
-    two = 2 if width >= 2 else 1
-    v, i = torch.topk(score, two, dim=2, largest=True, sorted=True)
-    nq = _sqnorm(qd).view(n, 1).to(torch.float64)
-    d2 = nq.unsqueeze(2) - v.to(torch.float64)
+    score = torch.add(keys.nsqn[ci, :width].view(1, K, width), dot, alpha=2)  # one pass: -|c|^2 + 2 q.c
+    # the two best per (query keypoint, candidate): max, blank it out, max again (cheaper than topk)
+    v1, i1 = score.max(dim=2, keepdim=True)
+    score.scatter_(2, i1, torch.iinfo(torch.int32).min)
+    v2 = score.amax(2, keepdim=True)
+    v = torch.cat([v1, v2], 2).to(torch.float64)
+    nq = _sqnorm(qd).view(n, 1, 1).to(torch.float64)
+    d2 = nq - v
     if norm == "hamming":  # |q - c|^2 = 4 hamming for +-1 bits
         dist = d2 / 4.0
     else:
         dist = d2.clamp(min=0.0).sqrt()
-    pad = v <= -BIG // 2  # a padding slot (the candidate has fewer keypoints)
-    dist = dist.masked_fill(pad, math.inf)
-    best = dist[..., 0]
-    second = dist[..., 1] if two == 2 else torch.full_like(best, math.inf)
-    return best, second, i[..., 0]
+    dist = dist.masked_fill(v <= -BIG // 2, math.inf)  # padding slots (fewer keypoints than width)
+    return dist[..., 0], dist[..., 1], i1[..., 0]
 
 
 def _fit(src: np.ndarray, dst: np.ndarray, reproj: float, refine: int = 0) -> tuple[int, Any]:
