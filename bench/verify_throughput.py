@@ -50,6 +50,10 @@ def baseline_verify(q, keys, cand, ratio, reproj):
                 continue
             pairs = bf.knnMatch(dq, dc, k=2)
             good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < ratio * p[1].distance]
+            best = {}  # one-to-one, as ganprint.verify: a train keypoint keeps its nearest query keypoint
+            for g in sorted(good, key=lambda g: (g.distance, g.queryIdx)):
+                best.setdefault(g.trainIdx, g)
+            good = sorted(best.values(), key=lambda g: g.queryIdx)
             if len(good) < MIN_MATCHES:
                 continue
             src = np.float32([q.keypoints[i, g.queryIdx, :2] for g in good])

@@ -47,6 +47,7 @@ DEFAULT_RATIO = 0.8  # Lowe's ratio test
 DEFAULT_REPROJ = 4.0  # RANSAC inlier threshold, pixels of the (resized, 256 px) image
 DEFAULT_K = 50
 MIN_MATCHES = 3  # a similarity has 4 dof: 2 matches always fit exactly, so they prove nothing
+MIN_SCALE = 1.0 / 3.0  # fits that shrink or enlarge by more than 3x are rejected as degenerate
 RANSAC_ITERS = 2000
 RANSAC_CONFIDENCE = 0.995
 
@@ -186,6 +187,9 @@ def _fit(src: np.ndarray, dst: np.ndarray, reproj: float, refine: int = 0) -> tu
                                          maxIters=RANSAC_ITERS, confidence=RANSAC_CONFIDENCE, refineIters=refine)
     if M is None or inl is None:
         return 0, None
+    scale = math.hypot(M[0, 0], M[1, 0])
+    if not (MIN_SCALE <= scale <= 1.0 / MIN_SCALE):  # a collapsing or exploding fit proves no copy
+        return 0, None
     return int(inl.sum()), M
 
 
@@ -199,20 +203,30 @@ def _verify_one(q_kp, q_desc, keys: _Keys, key_kp, cq, norm, ratio, reproj):
     if q_desc.shape[0] == 0 or K == 0:
         return inl, nmatch, trans
     best, second, idx = _two_nearest(q_desc, keys, cq, norm)
-    good = (best < ratio * second) & best.isfinite()
-    good_np = good.numpy()
+    # Lowe's ratio test; a candidate with a single keypoint has no second neighbour: no test, no match
+    good = ((best < ratio * second) & second.isfinite()).numpy()
     idx_np = idx.numpy()
-    nmatch[:] = good_np.sum(0)
+    best_np = best.numpy()
 
     def pts(k):
-        qi = np.flatnonzero(good_np[:, k])
-        return np.ascontiguousarray(q_kp[qi, :2]), np.ascontiguousarray(key_kp[cq[k], idx_np[qi, k], :2])
+        """Matches of candidate k, one-to-one: a candidate keypoint keeps its nearest query keypoint
+        (many-to-one matches would let a degenerate, collapsing fit count them all as inliers)."""
+        qi = np.flatnonzero(good[:, k])
+        ci = idx_np[qi, k]
+        order = np.lexsort((qi, best_np[qi, k]))
+        _, first = np.unique(ci[order], return_index=True)
+        keep = np.sort(order[first])
+        return np.ascontiguousarray(q_kp[qi[keep], :2]), np.ascontiguousarray(key_kp[cq[k], ci[keep], :2])
 
-    for k in np.flatnonzero(nmatch >= MIN_MATCHES):
-        inl[k], trans[k] = _fit(*pts(k), reproj)
+    cols = np.flatnonzero(good.sum(0) >= MIN_MATCHES)
+    matched = {int(k): pts(k) for k in cols}
+    for k, (src, dst) in matched.items():
+        nmatch[k] = len(src)
+        if len(src) >= MIN_MATCHES:
+            inl[k], trans[k] = _fit(src, dst, reproj)
     if inl.max(initial=0) > 0:  # the best pair's transform is reported: refine it
         k = int(np.argmax(inl))
-        n_ref, m_ref = _fit(*pts(k), reproj, refine=10)
+        _, m_ref = _fit(*matched[k], reproj, refine=10)
         if m_ref is not None:
             trans[k] = m_ref
     return inl, nmatch, trans
