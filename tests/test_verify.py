@@ -200,3 +200,16 @@ def test_blank_image_and_mismatched_artifacts_are_one_line_errors(tmp_path):
     assert r.exit_code != 0 and "--verify-k" in r.stderr
     r = runner.invoke(app, ["embed", str(root), "-o", str(tmp_path / "x"), "--backbone", "sift", "--weights", "none"])
     assert r.exit_code != 0 and "take no --weights" in r.stderr
+
+
+def test_many_to_one_matches_do_not_make_a_copy():
+    """A candidate with one keypoint (or all query keypoints on one candidate keypoint) must not
+    let a collapsing fit count every match as an inlier."""
+    from ganprint.local_features import LocalSet, extract
+    from ganprint.verify import verify_candidates
+
+    kp, de = extract(texture(5))
+    one = LocalSet.from_features([(kp[:1], de[:1]), (kp[:2], np.repeat(de[:1], 2, 0))], cap=8)
+    q = LocalSet.from_features([(kp, de)])
+    v = verify_candidates(q, one, np.array([[0, 1]]), threads=1)
+    assert float(v.values.max()) == 0.0 and torch.isnan(v.transform).all()
