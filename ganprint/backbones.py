@@ -457,6 +457,14 @@ def _register_defaults() -> None:
         dim=32 * 32, input_size=32, mean=(0.0,), std=(1.0,), interpolation="box", color="gray",
         build=PixelFeatures.build, default_weights="none",
     ))
+    register_backbone(BackboneSpec(
+        name="pixels_aligned",
+        description="raw pixels in a canonical pose (centroid + principal axis; ganprint/registration.py): "
+                    "robust to rotation and shift",
+        dim=32 * 32, input_size=128, mean=(0.0,), std=(1.0,), interpolation="box", color="gray",
+        build=lambda spec, size=None: __import__("ganprint.registration", fromlist=["build"]).build(spec, size),
+        default_weights="none",
+    ))
     for tname, dim in (("test_resnet", 96), ("test_efficientnet", 256), ("test_vit", 64)):
         kwargs = {"dynamic_img_size": True} if tname == "test_vit" else {}
         register_backbone(BackboneSpec(
