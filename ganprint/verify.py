@@ -23,6 +23,9 @@ Public API (library first; ``ganprint simmatrix --verify`` calls :func:`verify_f
 - :func:`verify_candidates` queries x their candidate lists -> :class:`Verified` (values [Q, K]
   descending, indices [Q, K], matches [Q, K], transform [Q, 2, 3] of each query's best match).
 - :func:`verify_for_similarity` the similarity-artifact tensors ``verify_*`` (docs/ARTIFACTS.md).
+- :func:`best_matches` a verified similarity artifact -> one row per real image: its best verified
+  generated image (id, path), inliers, matches and the fitted rotation / scale / shift (for a
+  report's evidence gallery).
 
 Speed: for one query, its n descriptors are compared with all K candidates' descriptors in one
 matrix product [n, D] x [D, K * cap] (torch; SIFT descriptors are integers 0..255 and ORB bits
@@ -471,3 +474,40 @@ def verify_for_similarity(inputs: VerifyInputs, *, gen_emb, real_emb, ref_emb=No
         "realref": "verify_realref_values" in out, "pairs": int(n_pairs),
     }
     return out, prov
+
+
+def best_matches(sim):
+    """Per real image of a verified similarity artifact (path or Artifact): its best verified match.
+
+    Returns a DataFrame, one row per real image (the similarity table's order): ``image_id``,
+    ``gen_image_id``, ``gen_path`` (None when nothing verified), ``inliers``, ``matches``,
+    ``angle`` (degrees, as ``cv2.getRotationMatrix2D``), ``scale``, ``shift_x``, ``shift_y``
+    (pixels), and ``frame`` = the square size the transform is expressed in (the local features'
+    ``--image-size``; None = native size)."""
+    import pandas as pd
+
+    from ganprint.artifacts import Artifact, read_artifact
+
+    art = sim if isinstance(sim, Artifact) else read_artifact(sim, kind="similarity")
+    src = f"{art.base}.safetensors"
+    if "verify_real_values" not in art.tensors:
+        raise ArtifactError(f"{src}: no verified scores; re-run `ganprint simmatrix` with --verify LOCAL")
+    gen_info = art.provenance.get("generated") or {}
+    gen = read_artifact(gen_info["path"], kind="embeddings")
+    gtab = gen.table.iloc[art.tensors["gen_rows"].numpy()].reset_index(drop=True)
+    vals = art.tensors["verify_real_values"].numpy()
+    idx = art.tensors["verify_real_indices"].numpy()
+    nm = art.tensors["verify_real_matches"].numpy()
+    tr = art.tensors["verify_real_transform"].numpy().astype(np.float64)
+    frame = ((art.provenance.get("verify") or {}).get("local") or {}).get("size")
+    rows = []
+    for r in range(len(vals)):
+        ok = vals.shape[1] > 0 and idx[r, 0] >= 0 and vals[r, 0] > 0
+        m = Match(int(vals[r, 0]) if ok else 0, int(nm[r, 0]) if ok else 0, tr[r] if ok and np.isfinite(tr[r]).all() else None)
+        g = gtab.iloc[int(idx[r, 0])] if ok else None
+        rows.append({"image_id": str(art.table["image_id"].iloc[r]),
+                     "gen_image_id": None if g is None else str(g["image_id"]),
+                     "gen_path": None if g is None else str(g["path"]),
+                     "inliers": m.inliers, "matches": m.matches, "angle": m.angle, "scale": m.scale,
+                     "shift_x": m.shift[0], "shift_y": m.shift[1], "frame": frame})
+    return pd.DataFrame(rows)

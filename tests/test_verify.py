@@ -138,6 +138,12 @@ def test_cli_embed_sift_simmatrix_verify_predict(tmp_path):
         assert float(t["verify_real_values"][r, 0]) >= 60
     others = [ids.index(x) for x in ids if x not in ("m0", "m1")]
     assert float(t["verify_real_values"][others, 0].max()) < 20  # chance inliers between unrelated textures
+    from ganprint.verify import best_matches
+
+    bm = best_matches(tmp_path / "sim").set_index("image_id")
+    assert bm.loc["m1", "gen_image_id"] == "rep1" and bm.loc["m1", "gen_path"].endswith("rep1.png")
+    assert abs(bm.loc["m1", "angle"] - 6.0) < 1.5 and abs(bm.loc["m1", "scale"] - 1.0) < 0.05
+    assert bm.loc["m1", "frame"] == 256
     # the attack reads the verified scores through the attack registry
     out = _ok(runner.invoke(app, ["predict", str(tmp_path / "sim"), "-o", str(tmp_path / "sc"), "--attack",
                                   "verify_max", "--balanced", "-q"]))
