@@ -5,12 +5,14 @@ verification then *proves* a copy: local descriptors of the two images are match
 neighbour with Lowe's ratio test), and a 4-dof similarity transform (rotation, uniform scale,
 shift: ``cv2.estimateAffinePartial2D`` with RANSAC) is fitted to the matched keypoint positions.
 The score of a pair is the number of RANSAC inliers: how many matched keypoints agree with *one*
-rigid placement of one image onto the other.  Unrelated CT slices share texture, so they get a
-few ratio-test matches, but those scatter and a consistent fit keeps only 0-4 of them; a rotated,
-shifted, re-contrasted copy keeps tens.  The raw count is used, not a share of the keypoints:
-every image is cut at the same ``max_keypoints``, so the count is already on one scale, and a
-share would reward images with few keypoints (blank borders) with large scores from a handful of
-chance inliers.
+rigid placement of one image onto the other.  Unrelated CT-like slices share anatomy, so they get
+tens of ratio-test matches, but those scatter and a consistent fit keeps few of them (5-12 on the
+synthetic phantoms); a rotated, shifted, re-contrasted copy keeps more (15-60 there, hundreds for
+sharp copies).  Matches are one-to-one (a candidate keypoint keeps its nearest query keypoint) and
+fits that shrink or enlarge by more than 3x are rejected, so no degenerate fit counts many matches
+onto one point as inliers.  The raw count is used, not a share of the keypoints: every image is cut
+at the same ``max_keypoints``, so the count is already on one scale, and a share would reward images
+with few keypoints (blank borders) with large scores from a handful of chance inliers.
 
 Public API (library first; ``ganprint simmatrix --verify`` calls :func:`verify_for_similarity`):
 
@@ -28,11 +30,12 @@ Public API (library first; ``ganprint simmatrix --verify`` calls :func:`verify_f
   report's evidence gallery).
 
 Speed: for one query, its n descriptors are compared with all K candidates' descriptors in one
-matrix product [n, D] x [D, K * cap] (torch; SIFT descriptors are integers 0..255 and ORB bits
-are +-1, so float32 products are exact and the result does not depend on the thread count), the
-two nearest per candidate come from one ``topk``; only pairs with at least ``MIN_MATCHES``
-ratio-test matches reach RANSAC.  bench/verify_throughput.py measures pairs/s against OpenCV's
-``BFMatcher.knnMatch`` on the same pairs.
+int8 matrix product [n, D] x [D, K * w] (``torch._int_mm``, int32 sums: SIFT values 0..255 shifted
+by -128 and ORB bits as +-1 give exact distances, independent of the thread count); the two nearest
+per (query keypoint, candidate) come from a max, a blank-out and a second max; only pairs with at
+least ``MIN_MATCHES`` ratio-test matches reach RANSAC.  Queries run in parallel threads (torch and
+OpenCV release the GIL).  bench/verify_throughput.py measures pairs/s against OpenCV's
+``BFMatcher.knnMatch`` + the same RANSAC on the same pairs (identical inlier counts).
 """
 
 from __future__ import annotations
