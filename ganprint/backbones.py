@@ -225,6 +225,12 @@ class PixelFeatures:
         return Pixels()
 
 
+def _aligned_pixels(spec: BackboneSpec, image_size: int | None = None):
+    from ganprint.registration import build
+
+    return build(spec, image_size)
+
+
 # ---------------------------------------------------------------------------------------------
 # weights
 
@@ -462,7 +468,7 @@ def _register_defaults() -> None:
         description="raw pixels in a canonical pose (centroid + principal axis; ganprint/registration.py): "
                     "robust to rotation and shift",
         dim=32 * 32, input_size=128, mean=(0.0,), std=(1.0,), interpolation="box", color="gray",
-        build=lambda spec, size=None: __import__("ganprint.registration", fromlist=["build"]).build(spec, size),
+        build=_aligned_pixels,
         default_weights="none",
     ))
     for tname, dim in (("test_resnet", 96), ("test_efficientnet", 256), ("test_vit", 64)):
