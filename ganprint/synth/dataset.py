@@ -1,4 +1,8 @@
-"""``synth`` stage: real images -> member / non-member split -> GAN trained on members -> ImageCLEF layout.
+"""``synth`` stage: real images -> member / non-member split -> generator trained on members -> ImageCLEF layout.
+
+The generator is a small DCGAN (``--generator dcgan``, default) or a small diffusers DDPM
+(``--generator ddpm``), see :mod:`ganprint.synth.generators`; ``--copies F`` replaces a fraction
+of the samples by transformed replicas of members (:mod:`ganprint.synth.replicas`).
 
 Output (``OUT``)::
 
@@ -10,7 +14,7 @@ Output (``OUT``)::
     test_truth.csv          image_id,label   (image_id = file name without extension)
     replicas.csv            only with --copies F > 0: the generated images that are transformed
                             copies of members (see ganprint.synth.replicas)
-    generator.safetensors   the trained generator (architecture in its metadata)
+    generator.safetensors   the trained generator (DCGAN or DDPM; architecture in its metadata)
     synth.json              parameters, seed, counts, timings, loss curve, digests, image list
 
 All images are 8-bit palette PNGs (mode "P", grayscale palette) at ``size`` x ``size``, as the
@@ -40,7 +44,7 @@ import numpy as np
 
 from ganprint import __version__
 from ganprint.errors import GanprintError
-from ganprint.synth.regimes import REGIMES
+from ganprint.synth.regimes import GENERATOR_DEFAULTS, REGIMES
 
 SYNTH_FORMAT = 1
 GRAY_PALETTE = bytes(v for i in range(256) for v in (i, i, i))
@@ -50,6 +54,7 @@ class SynthConfig:
     """Every parameter of a synth run; ``None`` fields of the CLI take the regime's value."""
 
     regime: str = "memorize"
+    generator: str = "dcgan"  # a name of ganprint.synth.generators.GENERATORS
     seed: int = 0
     size: int = 256  # output images: size x size
     dev_real: int = 20  # dev: this many real_used and this many real_not_used
@@ -79,6 +84,8 @@ class SynthConfig:
     copy_gamma_max: float = 1.25
     copy_blur: float = 2.0  # largest down-sampling factor of the blur (1 = none)
     copy_noise: float = 6.0  # largest Gaussian noise sigma, gray levels
+    ddpm_sample_steps: int = 10  # --generator ddpm: DDIM steps per sample
+    ddpm_train_t: str = "all"  # --generator ddpm: training timesteps, "all" or "sampler" (see ddpm.DdpmConfig)
 
     @property
     def replica_ranges(self):
@@ -96,11 +103,15 @@ class SynthConfig:
         return 2 * (self.dev_real + self.test_real)
 
 
-def resolve_config(regime: str = "memorize", **overrides: Any) -> SynthConfig:
-    """The regime's defaults with every non-``None`` override applied, validated."""
+def resolve_config(regime: str = "memorize", generator: str = "dcgan", **overrides: Any) -> SynthConfig:
+    """The regime's defaults, then the generator's, then every non-``None`` override, validated."""
     if regime not in REGIMES:
         raise GanprintError(f"--regime {regime}: unknown regime; use one of {', '.join(REGIMES)}")
-    base = {**REGIMES[regime], **{k: v for k, v in overrides.items() if v is not None}}
+    generator = generator or "dcgan"
+    if generator not in GENERATOR_DEFAULTS:
+        raise GanprintError(f"--generator {generator}: unknown generator; use one of {', '.join(GENERATOR_DEFAULTS)}")
+    base = {**REGIMES[regime], **GENERATOR_DEFAULTS[generator], "generator": generator,
+            **{k: v for k, v in overrides.items() if v is not None}}
     unknown = set(base) - {f.name for f in SynthConfig.__dataclass_fields__.values()}
     if unknown:
         raise TypeError(f"unknown synth parameters: {sorted(unknown)}")
@@ -116,7 +127,12 @@ def _validate(cfg: SynthConfig) -> None:
         ("--slices-per-patient", cfg.slices_per_patient, 1), ("--gan-width", cfg.gan_width, 1),
         ("--z-dim", cfg.z_dim, 1), ("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1),
         ("--log-every", cfg.log_every, 1), ("--threads", cfg.threads if cfg.threads is not None else 1, 1),
+        ("--ddpm-sample-steps", cfg.ddpm_sample_steps, 1),
     ]
+    if cfg.ddpm_train_t not in ("all", "sampler"):
+        raise GanprintError(f"--ddpm-train-t {cfg.ddpm_train_t}: use all or sampler")
+    if cfg.generator not in GENERATOR_DEFAULTS:
+        raise GanprintError(f"--generator {cfg.generator}: unknown generator; use one of {', '.join(GENERATOR_DEFAULTS)}")
     for name, value, lo in checks:
         if value < lo:
             raise GanprintError(f"{name} {value}: must be at least {lo}")
@@ -373,7 +389,7 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
 
     from ganprint.artifacts import sha256_file
     from ganprint.device import resolve_device
-    from ganprint.synth.gan import GanConfig, sample, save_generator, train_gan
+    from ganprint.synth.generators import GENERATORS
 
     cfg = config if config is not None else resolve_config(**overrides)
     if config is not None and overrides:
@@ -396,22 +412,20 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
         # -- the generator, trained on the members of dev and test
         members = np.flatnonzero((assign == 0) | (assign == 2))
         train_imgs = resize_batch(reals.images[members], cfg.gan_res)
-        gcfg = GanConfig(res=cfg.gan_res, z_dim=cfg.z_dim, ngf=cfg.gan_width, ndf=cfg.gan_width,
-                         batch_size=cfg.batch_size, steps=cfg.steps, lr_g=cfg.lr, lr_d=cfg.lr,
-                         log_every=cfg.log_every)
-        with _Bar(progress, f"synth: train GAN ({len(members)} members)", "it/s", cfg.steps, "loss") as bar:
+        backend = GENERATORS[cfg.generator]
+        gcfg = backend.make_config(cfg)
+        with _Bar(progress, f"synth: train {cfg.generator} ({len(members)} members)", "it/s", cfg.steps, "loss") as bar:
             def on_step(step: int, losses: dict) -> None:
                 if bar.progress is not None and (step % 10 == 0 or step == cfg.steps):
-                    bar.progress.update(bar.task, completed=step,
-                                        loss=f"D {losses['loss_d']:.3f}  G {losses['loss_g']:.3f}")
+                    bar.progress.update(bar.task, completed=step, loss=backend.progress(losses))
 
-            res = train_gan(train_imgs, gcfg, dev, seed=cfg.seed, on_step=on_step)
+            res = backend.train(train_imgs, gcfg, dev, cfg.seed, on_step)
         seconds["train"] = res.seconds
 
         # -- sampling: dev and test from separate noise streams
         t = time.perf_counter()
-        raw = {"dev": sample(res.generator, cfg.dev_generated, cfg.z_dim, cfg.seed * 2 + 101, dev),
-               "test": sample(res.generator, cfg.test_generated, cfg.z_dim, cfg.seed * 2 + 102, dev)}
+        raw = {"dev": backend.sample(res, gcfg, cfg.dev_generated, cfg.seed * 2 + 101, dev),
+               "test": backend.sample(res, gcfg, cfg.test_generated, cfg.seed * 2 + 102, dev)}
         seconds["sample"] = time.perf_counter() - t
         plans = []
         if cfg.copies > 0:
@@ -441,8 +455,7 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
 
             write_replicas_csv(tmp / REPLICAS_FILE, replica_rows)
         gen_path = tmp / "generator.safetensors"
-        save_generator(res.generator, gcfg, gen_path,
-                       extra={"ganprint_version": __version__, "seed": cfg.seed, "regime": cfg.regime})
+        backend.save(res, gcfg, gen_path, {"ganprint_version": __version__, "seed": cfg.seed, "regime": cfg.regime})
         digest = sha256_file(gen_path)
         seconds["write"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t_all
@@ -454,12 +467,13 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
             "stage": "synth",
             "config": asdict(cfg),
             "regime_defaults": REGIMES[cfg.regime],
+            **({"generator_defaults": GENERATOR_DEFAULTS[cfg.generator]} if cfg.generator != "dcgan" else {}),
             "seed": cfg.seed,
             "source": "real_dir" if cfg.real_dir else "phantoms",
             "counts": counts,
             "generator": {
-                "file": "generator.safetensors", "sha256": digest, "arch": "dcgan-sn-hinge",
-                "config": asdict(gcfg), "train_images": int(len(members)),
+                "file": "generator.safetensors", "sha256": digest, "arch": backend.arch,
+                **backend.describe(gcfg), "train_images": int(len(members)),
                 "epochs": round(cfg.steps * cfg.batch_size / max(1, len(members)), 2),
                 "steps_per_s": round(res.steps_per_s, 3),
             },
@@ -484,7 +498,7 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
         raise
     final = res.curve[-1] if res.curve else {}
     return SynthOutcome(out=out, config=cfg, counts=counts, seconds=summary["seconds"], generator_sha256=digest,
-                        device=str(dev), final_losses={k: final.get(k) for k in ("loss_d", "loss_g")})
+                        device=str(dev), final_losses={k: final.get(k) for k in backend.loss_keys})
 
 
 def _insert_replicas(raw: dict[str, np.ndarray], train_imgs: np.ndarray, cfg: SynthConfig) -> list:

@@ -208,3 +208,27 @@ def test_bad_copy_options(tmp_path, args, message):
     assert res.exit_code == 2
     assert res.stderr.strip() == message
     assert not (tmp_path / "o").exists()
+
+
+def test_copies_zero_is_bit_identical_to_the_plain_dcgan_path(runs, tmp_path):
+    """The files of ``--copies 0`` equal those of the pre-replica pipeline, rebuilt here from the
+    unchanged pieces (phantoms, split, DCGAN training and sampling, PNG layout, weights file)."""
+    from ganprint import __version__
+    from ganprint.synth import gan
+    from ganprint.synth.dataset import _Deterministic, _write_layout, phantom_reals, resize_batch, resolve_config
+
+    cfg = resolve_config(size=32, gan_res=16, gan_width=4, z_dim=8, steps=20, batch_size=8, dev_real=5, test_real=4,
+                         dev_generated=10, test_generated=12, log_every=10, threads=1, seed=7)
+    with _Deterministic(1):
+        reals = phantom_reals(cfg)
+        members = np.flatnonzero((reals.assign == 0) | (reals.assign == 2))
+        gcfg = gan.GanConfig(res=16, z_dim=8, ngf=4, ndf=4, batch_size=8, steps=20, lr_g=cfg.lr, lr_d=cfg.lr,
+                             log_every=10)
+        res = gan.train_gan(resize_batch(reals.images[members], 16), gcfg, "cpu", seed=7)
+        gen_dev = resize_batch(gan.sample(res.generator, 10, 8, 7 * 2 + 101, "cpu"), 32, "bicubic")
+        gen_test = resize_batch(gan.sample(res.generator, 12, 8, 7 * 2 + 102, "cpu"), 32, "bicubic")
+    ref = tmp_path / "ref"
+    _write_layout(ref, cfg, reals, reals.assign, gen_dev, gen_test)
+    gan.save_generator(res.generator, gcfg, ref / "generator.safetensors",
+                       extra={"ganprint_version": __version__, "seed": 7, "regime": "memorize"})
+    assert digests(ref) == digests(runs["none"])
