@@ -93,6 +93,16 @@ def run_regime(regime: str, out: Path, args) -> list[dict]:
     return rows
 
 
+def _synth_value(v: str):
+    """A --synth value: int, float, or a word (e.g. generator=ddpm)."""
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regimes", default="memorize,generalize")
@@ -108,7 +118,7 @@ def main() -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     args.backbones = [b for b in args.backbones.split(",") if b]
-    args.synth = {k: (float(v) if "." in v else int(v)) for k, v in (kv.split("=") for kv in args.synth.split(",") if kv)}
+    args.synth = {k: _synth_value(v) for k, v in (kv.split("=") for kv in args.synth.split(",") if kv)}
 
     from rich.console import Console
 
