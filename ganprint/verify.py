@@ -370,8 +370,6 @@ def json_key(obj) -> str:
 def lookup(sets: list[LocalSet], table, rows, role: str, global_src: str) -> LocalSet:
     """The local features of ``table``'s ``rows`` (a global embeddings manifest), matched by
     content sha256; refuse when any image has no local features."""
-    import pandas as pd
-
     index: dict[str, tuple[int, int]] = {}
     for si, s in enumerate(sets):
         if s.table is None or "sha256" not in s.table.columns:
@@ -393,7 +391,6 @@ def lookup(sets: list[LocalSet], table, rows, role: str, global_src: str) -> Loc
     kp = np.stack([sets[si].keypoints[r] for si, r in found]) if found else sets[0].keypoints[:0]
     de = np.stack([sets[si].descriptors[r] for si, r in found]) if found else sets[0].descriptors[:0]
     counts = np.array([sets[si].counts[r] for si, r in found], dtype=np.int64)
-    del pd
     return LocalSet(kp, de, counts, sets[0].norm, None, sets[0].provenance, sets[0].source)
 
 
