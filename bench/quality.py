@@ -11,6 +11,8 @@ simmatrix, and every attack calibrated on dev (kappa-optimal cut) and applied to
   dev split), embedded with `--checkpoint`, same attacks, same data; once with positive pools from
   the backbone's own features (the paper's method) and once with pools from the raw-pixel
   similarity artifact (`train --similarity`);
+- verified (``--verify sift``): each backbone's shortlist re-scored by geometric verification
+  (``simmatrix --verify``; attacks verify_max, verify_cal);
 - fusion: logistic-regression stacking of every (backbone, attack) score, and the MoE fusion of
   the backbones' embeddings with the max_sim / gan_leaks_cal attacks.
 
@@ -59,6 +61,11 @@ def run_regime(regime: str, out: Path, args) -> list[dict]:
         sets.append(fs)
         rows += B.attack_rows(fs, truth, seed_rule=(i == 0), bootstrap=args.bootstrap, scores_dir=work / "scores")
         timings[f"embed+attacks {bb}"] = time.perf_counter() - t
+        if args.verify:  # geometric verification of this backbone's shortlist (ganprint.verify)
+            t = time.perf_counter()
+            vfs = B.add_verified(fs, root, work, args.verify, k=args.verify_k, progress=not args.quiet)
+            rows += B.attack_rows(vfs, truth, ["verify_max", "verify_cal"], bootstrap=args.bootstrap)
+            timings[f"verify {bb}"] = time.perf_counter() - t
     if not args.no_train:
         from ganprint.backbones import get_backbone
         from ganprint.contrastive import run_training
@@ -297,6 +304,16 @@ def main_auto(args) -> int:
     return 0
 
 
+def _synth_value(v: str):
+    """A --synth value: int, float, or a word (e.g. generator=ddpm)."""
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regimes", default="memorize,generalize")
@@ -307,6 +324,8 @@ def main() -> int:
     ap.add_argument("--preset", default="cpu-small", help="ganprint train preset for the 'after train' rows")
     ap.add_argument("--train-epochs", type=float, default=None)
     ap.add_argument("--synth", default="", help="synth overrides, e.g. size=64,gan_res=32,steps=200 (for quick runs)")
+    ap.add_argument("--verify", default="", help="local features for verified rows (sift or orb; default: none)")
+    ap.add_argument("--verify-k", type=int, default=50, help="candidates verified per real image (0: all)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--auto", action="store_true", help="automatic-selection runs: regimes x generators x seeds")
     ap.add_argument("--generators", default="dcgan", help="--auto: synth generators, e.g. dcgan,ddpm")
@@ -316,7 +335,7 @@ def main() -> int:
     args = ap.parse_args()
     args.seeds = [int(v) for v in args.seeds.split(",") if v]
     args.backbones = [b for b in args.backbones.split(",") if b]
-    args.synth = {k: (float(v) if "." in v else int(v)) for k, v in (kv.split("=") for kv in args.synth.split(",") if kv)}
+    args.synth = {k: _synth_value(v) for k, v in (kv.split("=") for kv in args.synth.split(",") if kv)}
 
     if args.auto:
         return main_auto(args)

@@ -140,12 +140,14 @@ def get_backbone(name: str) -> BackboneSpec:
         return BACKBONES[name]
     except KeyError:
         raise GanprintError(
-            f"unknown backbone '{name}'; choose one of: {', '.join(sorted(BACKBONES))}"
+            f"unknown backbone '{name}'; choose one of: {', '.join(backbone_names())}"
         ) from None
 
 
 def backbone_names() -> list[str]:
-    return sorted(BACKBONES)
+    from ganprint.local_features import LOCAL_KINDS  # sift / orb: local features (embed writes keypoints)
+
+    return sorted([*BACKBONES, *LOCAL_KINDS])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +223,12 @@ class PixelFeatures:
                 return None
 
         return Pixels()
+
+
+def _aligned_pixels(spec: BackboneSpec, image_size: int | None = None):
+    from ganprint.registration import build
+
+    return build(spec, image_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,6 +462,14 @@ def _register_defaults() -> None:
         description="raw-pixel baseline: downsampled grayscale, zero-mean unit-norm vector",
         dim=32 * 32, input_size=32, mean=(0.0,), std=(1.0,), interpolation="box", color="gray",
         build=PixelFeatures.build, default_weights="none",
+    ))
+    register_backbone(BackboneSpec(
+        name="pixels_aligned",
+        description="raw pixels in a canonical pose (centroid + principal axis; ganprint/registration.py): "
+                    "robust to rotation and shift",
+        dim=32 * 32, input_size=128, mean=(0.0,), std=(1.0,), interpolation="box", color="gray",
+        build=_aligned_pixels,
+        default_weights="none",
     ))
     for tname, dim in (("test_resnet", 96), ("test_efficientnet", 256), ("test_vit", 64)):
         kwargs = {"dynamic_img_size": True} if tname == "test_vit" else {}

@@ -67,6 +67,25 @@ def add_similarity(fs: FeatureSet, work: Path) -> FeatureSet:
     return fs
 
 
+def add_verified(fs: FeatureSet, root: Path, work: Path, kind: str = "sift", k: int = 50,
+                 max_keypoints: int = 400, progress: bool = False) -> FeatureSet:
+    """``fs`` with geometric verification: local features (``embed --backbone kind``) of dev and
+    test, and similarity artifacts ``simmatrix --verify`` whose shortlist is ``fs``'s global top-k."""
+    from ganprint.embed import run_embed
+    from ganprint.similarity import run_simmatrix
+
+    local = {split: run_embed([str(Path(root) / split)], work / f"{kind}_{split}", backbone=kind,
+                              max_keypoints=max_keypoints, progress=progress).base for split in ("dev", "test")}
+    name = f"{fs.name}+verify({kind})"
+    out = FeatureSet(name, fs.dev, fs.test, extra={"local": local})
+    tag = name.replace("(", "_").replace(")", "").replace("+", "_")
+    out.dev_sim = run_simmatrix(work / f"{tag}_dev_sim", dataset=fs.dev, device="cpu", verify=[str(local["dev"])],
+                                verify_k=k).base
+    out.test_sim = run_simmatrix(work / f"{tag}_test_sim", dataset=fs.test, device="cpu",
+                                 verify=[str(local["test"])], verify_k=k).base
+    return out
+
+
 def _row(fs_name: str, attack: str, rule: str, pred, truth: dict[str, int], bootstrap: int) -> dict[str, Any]:
     import numpy as np
 
@@ -98,7 +117,11 @@ def attack_rows(fs: FeatureSet, truth: dict[str, int], attacks: list[str] | None
     if fs.dev_sim is None or fs.test_sim is None:
         raise GanprintError(f"{fs.name}: similarity artifacts missing; call add_similarity first")
     rows = []
-    for attack in attacks or attack_names():
+    if not attacks:  # every attack whose tensors the artifacts have (verify_* only with --verify)
+        from ganprint.artifacts import read_artifact
+
+        attacks = attack_names(read_artifact(fs.test_sim, with_table=False).tensors)
+    for attack in attacks:
         pred = predict(fs.test_sim, attack, calibrate=fs.dev_sim)
         rows.append(_row(fs.name, attack, "dev-calibrated", pred, truth, bootstrap))
         if scores_dir is not None:

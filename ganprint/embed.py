@@ -166,13 +166,26 @@ def run_embed(
     force: bool = False,
     stdin=None,
     progress: bool = True,
+    max_keypoints: int | None = None,
     group=None,
 ) -> EmbedOutcome | None:
     """Embed ``inputs`` (folders / files / ``-``) and write the artifact ``out``.
 
+    ``backbone`` sift / orb writes a local-features artifact instead (ganprint.local_features;
+    ``max_keypoints`` per image, ``image_size`` the square size features are extracted at).
+
     ``group``: a :class:`ganprint.distributed.Group` under torchrun (call as ``group.run(run_embed,
     ..., group=group)``): each rank hashes and embeds a shard of the manifest, rank 0 gathers and
     writes the one artifact (the same as one process') and returns the outcome; the others None."""
+    from ganprint.local_features import is_local, run_local_embed
+
+    if is_local(backbone):
+        if weights is not None or checkpoint is not None:
+            raise GanprintError(f"--backbone {backbone}: local features take no --weights or --checkpoint")
+        if group is not None and group.enabled and group.world > 1:
+            raise GanprintError(f"--backbone {backbone}: local features run in one process; start it without torchrun")
+        return run_local_embed(inputs, out, backbone, max_keypoints=max_keypoints or 400, image_size=image_size or 256,
+                               workers=workers, skip_bad=skip_bad, force=force, stdin=stdin, progress=progress)
     import torch
 
     from ganprint.backbones import get_backbone, load_backbone

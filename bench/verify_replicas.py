@@ -1,0 +1,141 @@
+"""Pair-level check of geometric verification on a dataset with known replicas.
+
+    python bench/verify_replicas.py DATA [--backbone pixels] [--k 50] [--work DIR]
+
+DATA: a ``ganprint synth --copies F`` output (``dev/``, ``test/``, ``replicas.csv``).  All real images
+(dev real_used + real_not_used, test real_unknown) are the queries and all generated images (dev +
+test) the candidates, so a replica is found wherever its source member is.  For each replica in
+replicas.csv: is the *verified* top-1 of its source member that replica, or another replica of the
+same member?  (Acceptance: >= 95% of replicas.)  Also printed: the same counting a replica of a
+neighbouring slice of the same phantom patient as a hit (synth.json's ``patient``: such slices are
+near-duplicates by construction, and replicas are made at the generator's 64 px), the same for the global descriptor's
+own top-1, the shortlist's recall@k (a replica of the source among the k candidates verification
+sees), and the share of test members that have a replica in the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data")
+    ap.add_argument("--backbone", default="pixels", help="global descriptor that shortlists")
+    ap.add_argument("--local", default="sift")
+    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--max-keypoints", type=int, default=400)
+    ap.add_argument("--image-size", type=int, default=256, help="size local features are extracted at")
+    ap.add_argument("--failures", action="store_true", help="list the misses on stderr")
+    ap.add_argument("--work", default=None, help="artifact folder [default: DATA/verify_work]")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from ganprint.artifacts import read_artifact
+    from ganprint.embed import run_embed
+    from ganprint.metrics import load_truth
+    from ganprint.similarity import topk_search
+    from ganprint.synth.replicas import read_replicas
+    from ganprint.verify import load_local_sets, lookup, verify_candidates
+
+    data = Path(args.data)
+    reps = read_replicas(data)
+    if not reps:
+        print(f"{data}: no replicas.csv; run `ganprint synth --copies F`", file=sys.stderr)
+        return 2
+    work = Path(args.work or data / "verify_work")
+    work.mkdir(parents=True, exist_ok=True)
+    glob, loc = {}, {}
+    t0 = time.perf_counter()
+    for split in ("dev", "test"):
+        glob[split] = read_artifact(run_embed([str(data / split)], work / f"{args.backbone}_{split}",
+                                              backbone=args.backbone, progress=False).base)
+        loc[split] = run_embed([str(data / split)], work / f"{args.local}{args.image_size}_{split}",
+                               backbone=args.local, max_keypoints=args.max_keypoints, image_size=args.image_size,
+                               skip_bad=True,
+                               progress=False).base
+    t_embed = time.perf_counter() - t0
+    sets = load_local_sets([str(loc["dev"]), str(loc["test"])])
+
+    def side(role):
+        embs, keys, tabs = [], [], []
+        for split in ("dev", "test"):
+            a = glob[split]
+            sub = a.table["subset"].astype(str)
+            rows = np.flatnonzero(sub.str.startswith("real_") if role == "real" else (sub == "generated"))
+            embs.append(a.tensor("embeddings")[torch.as_tensor(rows)])
+            tabs.append(lookup(sets, a.table, rows, role, f"{a.base}"))
+            keys += [(split, i) for i in a.table["image_id"].astype(str).to_numpy()[rows]]
+        ls = tabs[0]
+        for t in tabs[1:]:
+            ls = type(ls)(np.concatenate([ls.keypoints, t.keypoints]), np.concatenate([ls.descriptors, t.descriptors]),
+                          np.concatenate([ls.counts, t.counts]), ls.norm)
+        return torch.cat(embs), ls, keys
+
+    real_e, real_l, real_keys = side("real")
+    gen_e, gen_l, gen_keys = side("generated")
+    k = min(args.k, len(gen_keys)) if args.k > 0 else len(gen_keys)
+    t1 = time.perf_counter()
+    short, _, _ = topk_search(real_e, gen_e, k)
+    cand = short.indices.numpy()
+    v = verify_candidates(real_l, gen_l, cand)
+    t_verify = time.perf_counter() - t1
+
+    real_pos = {key: i for i, key in enumerate(real_keys)}
+    gen_pos = {key: i for i, key in enumerate(gen_keys)}
+    source_of = {gen_pos[(r["split"], r["image_id"])]: (r["source_split"], r["source_id"]) for r in reps}
+    # neighbouring slices of one phantom patient are near-duplicates by construction (synth
+    # --slices-per-patient): a replica of the neighbour is reported separately
+    patient = {}
+    meta = data / "synth.json"
+    if meta.exists():
+        patient = {(im["split"], im["image_id"]): im.get("patient") for im in json.loads(meta.read_text())["images"]}
+    hits = glob_hits = recall = same_patient = 0
+    fails = []
+    for r in reps:
+        src = (r["source_split"], r["source_id"])
+        q = real_pos[src]
+        top_v = int(v.indices[q, 0])
+        hits += source_of.get(top_v) == src
+        got = source_of.get(top_v)
+        same_patient += got is not None and (got == src or (patient.get(got) is not None
+                                                            and patient.get(got) == patient.get(src)))
+        if source_of.get(top_v) != src:
+            mine = [j for j, c in enumerate(v.indices[q].tolist()) if source_of.get(int(c)) == src]
+            fails.append({"source": src, "top1": gen_keys[top_v], "top1_is_replica_of": source_of.get(top_v),
+                          "top1_inliers": float(v.values[q, 0]),
+                          "replica_inliers": float(v.values[q, mine[0]]) if mine else None})
+        glob_hits += source_of.get(int(cand[q, 0])) == src
+        recall += any(source_of.get(int(c)) == src for c in cand[q])
+    ids, labels, _ = load_truth(str(data / "test_truth.csv"))
+    members = {i for i, y in zip(ids, labels) if int(y) == 1}
+    with_rep = {r["source_id"] for r in reps if r["split"] == "test" and r["source_split"] == "test"}
+    n = len(reps)
+    if args.failures:
+        print(json.dumps(fails, indent=1), file=sys.stderr)
+    print(json.dumps({
+        "data": str(data), "replicas": n, "queries": len(real_keys), "candidates": len(gen_keys), "k": k,
+        "shortlist": args.backbone, "local": args.local, "image_size": args.image_size,
+        "verified_top1_is_a_replica_of_source": round(hits / n, 4),
+        "verified_top1_is_a_replica_of_source_or_its_patient": round(same_patient / n, 4) if patient else None,
+        "global_top1_is_a_replica_of_source": round(glob_hits / n, 4),
+        "shortlist_recall_at_k": round(recall / n, 4),
+        "test_members": len(members), "test_members_with_test_replica": len(with_rep & members),
+        "share_test_members_with_replica": round(len(with_rep & members) / max(1, len(members)), 4),
+        "embed_s": round(t_embed, 1), "verify_s": round(t_verify, 1),
+        "verify_pairs_per_s": round(cand.size / t_verify, 1),
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
