@@ -564,6 +564,12 @@ def _candidates(realset: RealSet, gens: dict, inp: AuditInputs, opts: AuditOptio
     nonmem = np.flatnonzero((t["role"] == "non_members").to_numpy())
     sha_pos = {h: j for j, h in enumerate(t["sha256"].to_numpy()[nonmem])}
     excl_all = np.array([sha_pos.get(h, -1) for h in t["sha256"].to_numpy()], dtype=np.int64)
+    # every image is scored against m - 1 known non-members: a non-member without itself, any other
+    # image without one drawn at random (seeded); otherwise members and unknown images would see one
+    # more reference image than non-members do, which biases the reference-calibrated scores
+    rng = np.random.default_rng(opts.seed)
+    free = excl_all < 0
+    excl_all[free] = rng.integers(0, len(nonmem), int(free.sum()))
     names: list[str] = []
     rows: list[Any] = []
     notes: list[str] = []
@@ -616,7 +622,7 @@ def _select(S_lab, y, names, opts: AuditOptions) -> dict[str, Any]:
 
 
 def _emb_key(embs) -> dict:
-    return {bb: {role: o.provenance.get("pair_id") or o.provenance.get("cache_key") for role, o in roles.items()}
+    return {bb: {role: o.provenance.get("cache_key") for role, o in roles.items()}
             for bb, roles in embs.items()}
 
 
@@ -678,7 +684,7 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
     emb_key = _emb_key(embs)
 
     st.start("similarity+attacks", "every attack on every feature space (candidates)")
-    ckey = _digest({"f": AUDIT_FORMAT, "emb": emb_key, "k": opts.k, "two_generators": inputs.test_generated is not None})
+    ckey = _digest({"f": AUDIT_FORMAT, "emb": emb_key, "k": opts.k, "seed": opts.seed, "two_generators": inputs.test_generated is not None})
 
     def compute_candidates():
         import torch
