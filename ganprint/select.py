@@ -1,0 +1,544 @@
+"""Honest automatic selection among membership scores: rank by repeated stratified k-fold CV,
+choose one, and estimate the whole choose-then-fit procedure by nested CV.
+
+Candidates are score columns on the same labelled images: X [N, F] (higher = more likely a
+member), y [N] in {0, 1}.  Column j is typically one (feature space, attack) pair; any other score
+(e.g. a copy-verification score) joins simply as another column.  Two combined candidates are
+added when F >= 2, both built on the training part only:
+
+- ``mean(top-m)``: the mean of the z-scored top-m columns (by AUC on the training part): no
+  fitted weights, the low-variance combination;
+- ``stack(top-m)``: StandardScaler + LogisticRegression with strong L2 (``C`` small) on those
+  columns (the issue's "regularised stacking of the few best").
+
+The procedure ``choose-then-fit`` on a labelled set (X, y):
+
+1. every candidate's AUC on the validation folds of RepeatedStratifiedKFold (and kappa of the cut
+   chosen on the training folds, applied to the validation fold);
+2. the best mean CV AUC wins, but **differences within noise go to the simpler candidate**: a
+   combination is only chosen if the best single column is more than ``noise`` corrected
+   standard errors below it (one-standard-error rule; the SE of the paired fold-wise difference
+   with the Nadeau-Bengio correction for overlapping training sets);
+3. the winner is refit on all of (X, y): its columns, z-scoring/logistic weights, and the cut
+   "score >= t" maximising Cohen's kappa (for the combinations: on out-of-fold scores).
+
+:func:`select` runs it on the full labelled set and, with ``nested=True``, evaluates the *whole
+procedure* by an outer RepeatedStratifiedKFold: each outer training part runs steps 1-3 from
+scratch (its own inner CV, its own choice), and the fitted procedure is scored on the outer test
+fold it never saw.  Mean and a corrected-t 95% CI (Nadeau & Bengio 2003) of those outer AUCs and
+kappas are the honest estimate; the in-sample number is never reported as one.
+
+Public API:
+
+- ``SelectConfig`` (folds, repeats, outer_folds, outer_repeats, top, C, noise, seed)
+- ``select(X, y, names, config=None, nested=True) -> Selection``
+  (``.chosen``, ``.candidates`` [CandidateCV], ``.procedure``, ``.nested``, ``.to_dict()``,
+  ``.score(X_new) -> float64 [M]``, ``.decide(X_new) -> int64 [M]``)
+- ``choose(X, y, names, config) -> (index, reason, [CandidateCV])`` and
+  ``fit_procedure(X, y, index, names, config) -> Procedure`` (steps 1-2 and 3)
+- ``nested_cv(X, y, names, config, splits=None) -> NestedEstimate``
+- ``CandidateScores`` + ``candidate_matrix``: named score vectors (dev / test / null) -> matrices.
+
+Deterministic: same inputs + same ``seed`` -> same choice, fit and estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from ganprint.errors import GanprintError
+
+MEAN, STACK, SINGLE = "mean", "stack", "single"
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Parameters of the selection procedure (all have safe defaults for 40-500 labelled images)."""
+
+    folds: int = 5  # inner CV (ranking): RepeatedStratifiedKFold(folds, repeats)
+    repeats: int = 4
+    outer_folds: int = 5  # nested CV (the estimate): RepeatedStratifiedKFold(outer_folds, outer_repeats)
+    outer_repeats: int = 2
+    top: int = 3  # columns in the combinations
+    C: float = 0.05  # inverse L2 strength of the stacker (on standardised scores)
+    noise: float = 1.0  # one-standard-error rule: combinations must beat the best single by this many SEs
+    seed: int = 0
+
+    def validate(self) -> "SelectConfig":
+        for key in ("folds", "outer_folds"):
+            if getattr(self, key) < 2:
+                raise GanprintError(f"selection: {key}={getattr(self, key)} must be at least 2")
+        for key in ("repeats", "outer_repeats", "top"):
+            if getattr(self, key) < 1:
+                raise GanprintError(f"selection: {key}={getattr(self, key)} must be at least 1")
+        if not (self.C > 0 and math.isfinite(self.C)):
+            raise GanprintError(f"selection: C={self.C} must be a positive number")
+        if not (self.noise >= 0 and math.isfinite(self.noise)):
+            raise GanprintError(f"selection: noise={self.noise} must be >= 0")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# candidates as named score vectors
+
+
+@dataclass
+class CandidateScores:
+    """One candidate: scores of the labelled images (``dev`` [N]), of the images to label
+    (``test`` [M] or None) and of known non-members scored the same way as ``test`` (``null``
+    [K] or None, for conformal p-values).  ``info``: JSON-able description (feature space, attack...)."""
+
+    name: str
+    dev: Any
+    test: Any = None
+    null: Any = None
+    null_self: Any = None  # int [M]: the null row that is test image i (leave-one-out), -1 none
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def candidate_matrix(cands: Sequence[CandidateScores]):
+    """(X_dev [N, F], X_test [M, F] or None, names [F]) from candidates of equal lengths."""
+    import numpy as np
+
+    if not cands:
+        raise GanprintError("selection: no candidate scores")
+    names = [c.name for c in cands]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise GanprintError(f"selection: candidate name '{dup}' appears twice")
+    X = np.column_stack([np.asarray(c.dev, dtype=np.float64) for c in cands])
+    tests = [c.test for c in cands]
+    Xt = None
+    if all(t is not None for t in tests):
+        lens = {len(t) for t in tests}
+        if len(lens) != 1:
+            raise GanprintError("selection: candidates score different numbers of test images")
+        Xt = np.column_stack([np.asarray(t, dtype=np.float64) for t in tests])
+    return X, Xt, names
+
+
+# ---------------------------------------------------------------------------------------------
+# small numeric helpers
+
+
+def _auc_columns(y, S):
+    """ROC AUC of every column of S [n, c] against y [n] (Mann-Whitney, ties 1/2) -> float64 [c]."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return np.full(S.shape[1], np.nan)
+    r = rankdata(S, axis=0)
+    return (r[y].sum(0) - n1 * (n1 + 1) / 2.0) / (n1 * n0)
+
+
+def kappa_cut(scores, y) -> tuple[float, float]:
+    """(t, kappa): the cut "score >= t" maximising Cohen's kappa on (scores, y); among equally good
+    intervals of cuts the middle one, t the midpoint between the neighbouring scores."""
+    import numpy as np
+
+    from ganprint.metrics import kappa_scan
+
+    cuts, kap = kappa_scan(np.asarray(y), scores)
+    best = np.flatnonzero(kap >= kap.max() - 1e-12)
+    j = int(best[len(best) // 2])
+    thr = float(cuts[j])
+    if 0 < j < len(cuts) - 1:
+        mid = 0.5 * (cuts[j] + cuts[j + 1])
+        if cuts[j + 1] < mid <= cuts[j]:
+            thr = float(mid)
+    return thr, float(kap[j])
+
+
+def _kappa(y, pred) -> float:
+    import numpy as np
+
+    from ganprint.metrics import kappa_from_counts
+
+    y, p = np.asarray(y).astype(bool), np.asarray(pred).astype(bool)
+    k = kappa_from_counts((y & p).sum(), (~y & p).sum(), (y & ~p).sum(), (~y & ~p).sum())
+    k = float(k)
+    return 0.0 if math.isnan(k) else k
+
+
+def _splitter(y, folds: int, repeats: int, seed: int):
+    """RepeatedStratifiedKFold with at most as many folds as the minority class has images."""
+    import numpy as np
+    from sklearn.model_selection import RepeatedStratifiedKFold
+
+    minority = int(np.bincount(np.asarray(y, dtype=np.int64), minlength=2).min())
+    k = min(folds, minority)
+    if k < 2:
+        raise GanprintError(f"selection: needs at least 2 members and 2 non-members per split, got {minority} "
+                            "in the smaller class; label more dev images")
+    return RepeatedStratifiedKFold(n_splits=k, n_repeats=repeats, random_state=seed)
+
+
+def _corrected_ci(values, n_train: float, n_test: float, level: float = 0.95):
+    """Mean and Nadeau-Bengio corrected-t CI of J fold values from repeated CV."""
+    import numpy as np
+    from scipy.stats import t as student
+
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    J = len(v)
+    if J == 0:
+        return None, None
+    mean = float(v.mean())
+    if J < 2:
+        return mean, None
+    var = float(v.var(ddof=1))
+    se = math.sqrt((1.0 / J + n_test / max(n_train, 1.0)) * var)
+    h = float(student.ppf(0.5 + level / 2, J - 1)) * se
+    return mean, [mean - h, mean + h]
+
+
+# ---------------------------------------------------------------------------------------------
+# fitted procedures
+
+
+@dataclass
+class Procedure:
+    """A fitted candidate: ``score(X)`` float64 [M] from the columns ``columns`` of X [M, F],
+    ``decide(X)`` = score >= ``threshold``."""
+
+    kind: str  # single | mean | stack
+    name: str
+    columns: list[int]
+    threshold: float
+    center: list[float] | None = None  # mean / stack: z-scoring of the columns (training part)
+    scale: list[float] | None = None
+    coef: list[float] | None = None  # stack: logistic weights on z-scored columns
+    intercept: float | None = None
+    train_kappa: float | None = None  # kappa of the cut where it was chosen (in-sample / OOF)
+
+    def score(self, X):
+        import numpy as np
+
+        X = np.asarray(X, dtype=np.float64)
+        Z = X[:, self.columns]
+        if self.kind == SINGLE:
+            return Z[:, 0].copy()
+        Z = (Z - np.asarray(self.center)) / np.asarray(self.scale)
+        if self.kind == MEAN:
+            return Z.mean(1)
+        z = Z @ np.asarray(self.coef) + float(self.intercept)
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def decide(self, X):
+        import numpy as np
+
+        return (self.score(X) >= self.threshold).astype(np.int64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _top_columns(X, y, top: int) -> list[int]:
+    import numpy as np
+
+    auc = _auc_columns(y, X)
+    order = np.lexsort((np.arange(len(auc)), -np.nan_to_num(auc, nan=0.0)))  # AUC desc, then column
+    return [int(j) for j in order[:min(top, X.shape[1])]]
+
+
+def _zscore_params(Z):
+    import numpy as np
+
+    c = Z.mean(0)
+    s = Z.std(0)
+    s = np.where(s > 1e-12, s, 1.0)  # a constant column contributes nothing, never a division by 0
+    return c, s
+
+
+def _fit_combo(kind: str, X, y, cfg: SelectConfig, name: str) -> Procedure:
+    """mean / stack on the top columns of (X, y); threshold not set yet."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    cols = _top_columns(X, y, cfg.top)
+    c, s = _zscore_params(X[:, cols])
+    proc = Procedure(kind, name, cols, 0.0, center=c.tolist(), scale=s.tolist())
+    if kind == STACK:
+        Z = (X[:, cols] - c) / s
+        lr = LogisticRegression(C=cfg.C, solver="newton-cholesky", max_iter=100).fit(Z, np.asarray(y, dtype=np.int64))
+        proc.coef = [float(v) for v in lr.coef_[0]]
+        proc.intercept = float(lr.intercept_[0])
+    return proc
+
+
+def _combos(F: int, cfg: SelectConfig) -> list[tuple[str, str]]:
+    if F < 2:
+        return []
+    m = min(cfg.top, F)
+    return [(MEAN, f"mean(top{m})"), (STACK, f"stack(top{m})")]
+
+
+def candidate_names(names: Sequence[str], cfg: SelectConfig) -> list[str]:
+    """Singles first (in the given order), then the combinations."""
+    return list(names) + [n for _, n in _combos(len(names), cfg)]
+
+
+def _fit(index: int, X, y, names: Sequence[str], cfg: SelectConfig, *, cut: bool = True) -> Procedure:
+    """Fit candidate ``index`` (0..F-1 single columns, then the combinations) on (X, y)."""
+    import numpy as np
+
+    F = X.shape[1]
+    if index < F:
+        proc = Procedure(SINGLE, names[index], [index], 0.0)
+        if cut:
+            proc.threshold, proc.train_kappa = kappa_cut(X[:, index], y)
+        return proc
+    kind, name = _combos(F, cfg)[index - F]
+    proc = _fit_combo(kind, X, y, cfg, name)
+    if cut:
+        # the cut of a fitted combination comes from out-of-fold scores, not from its own fit
+        oof = np.zeros(len(y))
+        inner = _splitter(y, cfg.folds, 1, cfg.seed)
+        for tr, va in inner.split(X, y):
+            part = _fit_combo(kind, X[tr], y[tr], cfg, name)
+            oof[va] = part.score(X[va])
+        # z-scores / probabilities of different folds are on one scale: the OOF cut transfers
+        proc.threshold, proc.train_kappa = kappa_cut(oof, y)
+    return proc
+
+
+# ---------------------------------------------------------------------------------------------
+# ranking and choice
+
+
+@dataclass
+class CandidateCV:
+    """CV result of one candidate on the labelled images (validation folds only)."""
+
+    name: str
+    kind: str
+    auc_mean: float
+    auc_sd: float
+    kappa_mean: float | None
+    se_vs_best: float | None = None  # corrected SE of the paired AUC difference to the best
+    within_noise: bool | None = None
+    n_splits: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cv_scores(X, y, names, cfg: SelectConfig, with_kappa: bool):
+    """AUC [S, C] (and kappa [S, C]) of every candidate on every validation fold."""
+    import numpy as np
+
+    F = X.shape[1]
+    combos = _combos(F, cfg)
+    splitter = _splitter(y, cfg.folds, cfg.repeats, cfg.seed)
+    aucs, kaps, sizes = [], [], []
+    for tr, va in splitter.split(X, y):
+        Xtr, ytr, Xva, yva = X[tr], y[tr], X[va], y[va]
+        S_va = [Xva]
+        procs = []
+        for kind, name in combos:
+            p = _fit_combo(kind, Xtr, ytr, cfg, name)
+            procs.append(p)
+            S_va.append(p.score(Xva)[:, None])
+        S_va = np.concatenate(S_va, axis=1)
+        aucs.append(_auc_columns(yva, S_va))
+        sizes.append((len(tr), len(va)))
+        if with_kappa:
+            row = []
+            for j in range(F):
+                t, _ = kappa_cut(Xtr[:, j], ytr)
+                row.append(_kappa(yva, Xva[:, j] >= t))
+            for p in procs:
+                t, _ = kappa_cut(p.score(Xtr), ytr)  # inner: in-sample cut of the training part
+                row.append(_kappa(yva, p.score(Xva) >= t))
+            kaps.append(row)
+    n_tr = float(np.mean([a for a, _ in sizes]))
+    n_va = float(np.mean([b for _, b in sizes]))
+    return np.asarray(aucs), (np.asarray(kaps) if with_kappa else None), n_tr, n_va
+
+
+def _check_inputs(X, y, names):
+    import numpy as np
+
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y)
+    if X.ndim != 2 or X.shape[1] == 0:
+        raise GanprintError(f"selection: expected scores [N, F] with F >= 1, got shape {X.shape}")
+    if y.shape != (X.shape[0],):
+        raise GanprintError(f"selection: {X.shape[0]} score rows but {y.shape} labels")
+    if len(names) != X.shape[1]:
+        raise GanprintError(f"selection: {X.shape[1]} score columns but {len(names)} names")
+    if not np.isfinite(X).all():
+        j = int(np.flatnonzero(~np.isfinite(X).all(0))[0])
+        raise GanprintError(f"selection: candidate '{names[j]}' has non-finite scores")
+    if not np.isin(y, (0, 1)).all():
+        raise GanprintError("selection: labels must be 0 or 1")
+    return X, y.astype(np.int64)
+
+
+def choose(X, y, names: Sequence[str], config: SelectConfig | None = None, *, with_kappa: bool = True):
+    """Steps 1-2 on (X [N, F], y [N]) -> (candidate index, reason, [CandidateCV] in candidate order)."""
+    import numpy as np
+
+    cfg = (config or SelectConfig()).validate()
+    X, y = _check_inputs(X, y, names)
+    F = X.shape[1]
+    all_names = candidate_names(names, cfg)
+    kinds = [SINGLE] * F + [k for k, _ in _combos(F, cfg)]
+    A, K, n_tr, n_va = _cv_scores(X, y, names, cfg, with_kappa)
+    A = np.nan_to_num(A, nan=0.5)
+    J = A.shape[0]
+    mean = A.mean(0)
+    # ties: the earlier candidate (singles before combinations, given order) wins
+    best = int(np.lexsort((np.arange(len(mean)), -np.round(mean, 12)))[0])
+    se = np.zeros(len(mean))
+    for c in range(len(mean)):
+        d = A[:, best] - A[:, c]
+        se[c] = math.sqrt((1.0 / J + n_va / n_tr) * float(d.var(ddof=1))) if J > 1 else 0.0
+    within = mean >= mean[best] - cfg.noise * se - 1e-12
+    singles = [c for c in range(F) if within[c]]
+    if kinds[best] == SINGLE:
+        idx, reason = best, "best mean CV AUC"
+    elif singles:
+        idx = max(singles, key=lambda c: (round(float(mean[c]), 12), -c))
+        reason = (f"best single: {all_names[best]} is within {cfg.noise:g} SE of it "
+                  f"(CV AUC {mean[best]:.3f} vs {mean[idx]:.3f})")
+    else:
+        idx, reason = best, f"best mean CV AUC, more than {cfg.noise:g} SE above every single score"
+    cands = []
+    for c in range(len(mean)):
+        cands.append(CandidateCV(all_names[c], kinds[c], float(mean[c]), float(A[:, c].std(ddof=1)) if J > 1 else 0.0,
+                                 float(K[:, c].mean()) if K is not None else None, float(se[c]), bool(within[c]), J))
+    return idx, reason, cands
+
+
+def fit_procedure(X, y, index: int, names: Sequence[str], config: SelectConfig | None = None) -> Procedure:
+    """Step 3: refit candidate ``index`` on all of (X, y), with its kappa-optimal cut."""
+    cfg = (config or SelectConfig()).validate()
+    X, y = _check_inputs(X, y, names)
+    return _fit(index, X, y, names, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# nested CV
+
+
+@dataclass
+class NestedEstimate:
+    """Outer-fold AUC / kappa of the whole choose-then-fit procedure (never in-sample)."""
+
+    auc_mean: float | None
+    auc_ci: list[float] | None
+    kappa_mean: float | None
+    kappa_ci: list[float] | None
+    n_splits: int
+    folds: int
+    repeats: int
+    chosen: list[str]  # the candidate chosen in each outer training part
+    auc_folds: list[float]
+    kappa_folds: list[float]
+    method: str = "nested RepeatedStratifiedKFold; 95% CI: Nadeau-Bengio corrected t"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def choice_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.chosen:
+            out[c] = out.get(c, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def nested_cv(X, y, names: Sequence[str], config: SelectConfig | None = None, splits=None) -> NestedEstimate:
+    """Evaluate choose-then-fit by outer CV.  ``splits``: (train, test) index pairs to use instead
+    of the outer RepeatedStratifiedKFold.  Each outer training part sees only its own labels."""
+    import numpy as np
+
+    cfg = (config or SelectConfig()).validate()
+    X, y = _check_inputs(X, y, names)
+    all_names = candidate_names(names, cfg)
+    if splits is None:
+        outer = _splitter(y, cfg.outer_folds, cfg.outer_repeats, cfg.seed + 1)
+        splits = list(outer.split(X, y))
+        folds = outer.cvargs["n_splits"]
+    else:
+        splits = list(splits)
+        folds = 0
+    aucs, kaps, chosen, n_tr, n_te = [], [], [], [], []
+    for tr, te in splits:
+        ytr = y[tr]
+        idx, _, _ = choose(X[tr], ytr, names, cfg, with_kappa=False)
+        proc = _fit(idx, X[tr], ytr, names, cfg)
+        s = proc.score(X[te])
+        aucs.append(float(_auc_columns(y[te], s[:, None])[0]))
+        kaps.append(_kappa(y[te], s >= proc.threshold))
+        chosen.append(all_names[idx])
+        n_tr.append(len(tr))
+        n_te.append(len(te))
+    a_mean, a_ci = _corrected_ci(aucs, float(np.mean(n_tr)), float(np.mean(n_te)))
+    k_mean, k_ci = _corrected_ci(kaps, float(np.mean(n_tr)), float(np.mean(n_te)))
+    return NestedEstimate(a_mean, a_ci, k_mean, k_ci, len(splits), folds, cfg.outer_repeats if folds else 0,
+                          chosen, aucs, kaps)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole thing
+
+
+@dataclass
+class Selection:
+    """The choice on the full labelled set, every candidate's CV result, and the nested estimate."""
+
+    names: list[str]  # the F input columns
+    chosen: str
+    reason: str
+    procedure: Procedure
+    candidates: list[CandidateCV]
+    nested: NestedEstimate | None
+    config: SelectConfig
+    n: int
+    n_pos: int
+
+    def score(self, X):
+        """float64 [M]: the chosen procedure's scores of X [M, F] (same columns as the dev X)."""
+        import numpy as np
+
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != len(self.names):
+            raise GanprintError(f"selection: expected scores with {len(self.names)} columns, got shape {X.shape}")
+        return self.procedure.score(X)
+
+    def decide(self, X):
+        """int64 [M]: score >= the cut fitted on the labelled set."""
+        import numpy as np
+
+        return (self.score(X) >= self.procedure.threshold).astype(np.int64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": self.chosen,
+            "reason": self.reason,
+            "procedure": self.procedure.to_dict(),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "nested": None if self.nested is None else {**self.nested.to_dict(),
+                                                        "choice_counts": self.nested.choice_counts()},
+            "config": asdict(self.config),
+            "n": self.n,
+            "n_pos": self.n_pos,
+            "inputs": list(self.names),
+        }
+
+
+def select(X, y, names: Sequence[str], config: SelectConfig | None = None, *, nested: bool = True) -> Selection:
+    """Choose among the columns of X [N, F] (+ combinations) on labels y [N]; see the module doc."""
+    cfg = (config or SelectConfig()).validate()
+    X, y = _check_inputs(X, y, names)
+    idx, reason, cands = choose(X, y, names, cfg)
+    proc = _fit(idx, X, y, names, cfg)
+    est = nested_cv(X, y, names, cfg) if nested else None
+    return Selection(list(names), candidate_names(names, cfg)[idx], reason, proc, cands, est, cfg,
+                     int(len(y)), int(y.sum()))

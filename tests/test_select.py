@@ -1,0 +1,102 @@
+"""Selection: deterministic, honest (nested CV never sees the outer test labels), sensible."""
+
+import numpy as np
+import pytest
+
+from ganprint.errors import GanprintError
+from ganprint.select import SelectConfig, choose, fit_procedure, nested_cv, select
+
+FAST = SelectConfig(folds=4, repeats=2, outer_folds=4, outer_repeats=1)
+
+
+def _data(n=80, seed=0, strengths=(1.5, 0.8, 0.0, 0.0)):
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.ones(n // 2), np.zeros(n - n // 2)].astype(int)
+    X = np.column_stack([rng.standard_normal(n) + s * y for s in strengths])
+    return X, y, [f"c{j}" for j in range(X.shape[1])]
+
+
+def test_picks_the_informative_column_and_estimates_honestly():
+    X, y, names = _data(120)
+    sel = select(X, y, names, FAST)
+    assert sel.chosen == "c0"
+    assert [c.name for c in sel.candidates][:4] == names
+    assert {"mean(top3)", "stack(top3)"} <= {c.name for c in sel.candidates}
+    est = sel.nested
+    assert est is not None and est.n_splits == 4 and len(est.chosen) == 4
+    assert 0.75 < est.auc_mean < 0.95  # true AUC of N(1.5, 1) vs N(0, 1) is 0.86
+    assert est.auc_ci[0] < est.auc_mean < est.auc_ci[1]
+    # decisions on new data use the cut fitted on the labelled set
+    Xn, yn, _ = _data(200, seed=5)
+    lab = sel.decide(Xn)
+    assert set(np.unique(lab)) == {0, 1}
+    assert (lab == yn).mean() > 0.65
+
+
+def test_noise_only_gives_chance_estimate():
+    X, y, names = _data(80, seed=1, strengths=(0, 0, 0, 0, 0, 0))
+    sel = select(X, y, names, FAST)
+    # the in-sample best column looks good; the nested estimate does not
+    assert sel.nested.auc_mean < 0.62
+    best_cv = max(c.auc_mean for c in sel.candidates)
+    assert best_cv > sel.nested.auc_mean
+
+
+def test_deterministic_for_a_seed():
+    X, y, names = _data(90, seed=2, strengths=(0.6, 0.5, 0.4))
+    a = select(X, y, names, FAST).to_dict()
+    b = select(X, y, names, FAST).to_dict()
+    assert a == b
+    c = select(X, y, names, SelectConfig(folds=4, repeats=2, outer_folds=4, outer_repeats=1, seed=7)).to_dict()
+    assert c["nested"]["auc_folds"] != a["nested"]["auc_folds"]
+
+
+def test_nested_cv_never_sees_outer_test_labels():
+    """Changing the labels of an outer test fold must not change what its training part chose or
+    fitted; a leaky procedure (choosing on all labels) would change, as the control shows."""
+    from sklearn.model_selection import StratifiedKFold
+
+    X, y, names = _data(80, seed=3, strengths=(0.9, 0.9, 0.3))
+    splits = list(StratifiedKFold(4, shuffle=True, random_state=0).split(X, y))
+    base = nested_cv(X, y, names, FAST, splits=splits)
+    tr, te = splits[0]
+    y2 = y.copy()
+    # make the test fold favour column 1 strongly (relabel by column 1's ranking)
+    order = te[np.argsort(-X[te, 1])]
+    y2[order[: len(te) // 2]], y2[order[len(te) // 2:]] = 1, 0
+    # control: a choice made on all labels does react to these test labels
+    full_a, _, _ = choose(X, y, names, FAST, with_kappa=False)
+    full_b, _, _ = choose(X, y2, names, FAST, with_kappa=False)
+    leaky_changes = full_a != full_b or fit_procedure(X, y, full_a, names, FAST).threshold != \
+        fit_procedure(X, y2, full_b, names, FAST).threshold
+    assert leaky_changes
+    other = nested_cv(X, y2, names, FAST, splits=splits)
+    assert other.chosen[0] == base.chosen[0]
+    # the procedure fitted on fold 0's training part is the same: only the evaluation moves
+    assert other.auc_folds[0] != base.auc_folds[0]
+    idx_a, _, _ = choose(X[tr], y[tr], names, FAST, with_kappa=False)
+    idx_b, _, _ = choose(X[tr], y2[tr], names, FAST, with_kappa=False)
+    assert idx_a == idx_b
+    assert fit_procedure(X[tr], y[tr], idx_a, names, FAST) == fit_procedure(X[tr], y2[tr], idx_b, names, FAST)
+
+
+def test_combination_needs_to_beat_singles_beyond_noise():
+    # two equally informative independent columns: the mean beats each single clearly
+    X, y, names = _data(300, seed=4, strengths=(0.8, 0.8, 0.8, 0.8))
+    idx, reason, cands = choose(X, y, names, FAST)
+    assert cands[idx].kind in ("mean", "stack"), reason
+    # with a huge noise allowance the best single wins
+    idx2, reason2, _ = choose(X, y, names, SelectConfig(folds=4, repeats=2, noise=100.0))
+    assert idx2 < 4 and "single" in reason2
+
+
+def test_bad_inputs():
+    X, y, names = _data(40)
+    with pytest.raises(GanprintError, match="non-finite"):
+        Xb = X.copy()
+        Xb[0, 1] = np.nan
+        select(Xb, y, names, FAST)
+    with pytest.raises(GanprintError, match="at least 2 members"):
+        select(X[:21], np.r_[np.zeros(20), 1].astype(int), names, FAST)
+    with pytest.raises(GanprintError, match="names"):
+        select(X, y, names[:2], FAST)
