@@ -256,7 +256,7 @@ class AuditOptions:
     backbones: tuple[str, ...] = DEFAULT_BACKBONES
     fdr: float = 0.1
     folds: int = 5
-    repeats: int = 3
+    repeats: int = 4  # inner CV repeats; the nested (outer) CV uses repeats // 2
     seed: int = 0
     bootstrap: int = 500
     gallery: int = 12
@@ -611,10 +611,96 @@ def _candidates(realset: RealSet, gens: dict, inp: AuditInputs, opts: AuditOptio
     return np.stack(rows), names, nn, notes
 
 
-def _select(S_lab, y, names, opts: AuditOptions) -> dict[str, Any]:
-    """ganprint.select when it exists, else :func:`select_fallback` (same result shape)."""
-    return select_fallback(S_lab, y, names, folds=opts.folds, repeats=opts.repeats, seed=opts.seed,
-                           bootstrap=opts.bootstrap)
+def _ecdf_position(ref_sorted, s):
+    """Share of ``ref_sorted`` below each s (ties half), a scale shared by every fold."""
+    import numpy as np
+
+    lo = np.searchsorted(ref_sorted, s, side="left")
+    hi = np.searchsorted(ref_sorted, s, side="right")
+    return (lo + hi) / (2.0 * max(len(ref_sorted), 1))
+
+
+def _select(S, lab, y, names, opts: AuditOptions):
+    """Selection on the labelled images; ``ganprint.select`` when it exists, else :func:`select_fallback`.
+
+    S float64 [C, R] (every real image), lab bool [R], y int [n_lab]. Returns (JSON-able dict,
+    score float64 [R] of the chosen procedure, ref float64 [R] = the score used for p-values (for
+    a fitted combination, labelled images get out-of-fold scores so that the known non-members are
+    scored like unseen images), oof_score [n_lab], oof_label [n_lab])."""
+    import numpy as np
+
+    try:
+        from ganprint import select as SEL
+    except ImportError:  # selection not merged: the simple nested-CV rule of this module
+        SEL = None
+    if SEL is None:
+        from ganprint.predict import calibrate_threshold
+
+        res = select_fallback(S[:, lab], y, names, folds=opts.folds, repeats=opts.repeats, seed=opts.seed,
+                              bootstrap=opts.bootstrap)
+        ci = res["chosen_index"]
+        thr, kap = calibrate_threshold(S[ci, lab], y)
+        res["procedure"] = {"kind": "single", "name": names[ci], "columns": [ci], "threshold": thr,
+                            "train_kappa": kap}
+        oof_s, oof_l = res.pop("oof_score"), res.pop("oof_label")
+        return res, S[ci].copy(), S[ci].copy(), oof_s, oof_l
+
+    from sklearn.model_selection import StratifiedKFold
+
+    from ganprint.metrics import evaluate
+
+    X = S.T
+    Xl = X[lab]
+    cfg = SEL.SelectConfig(folds=opts.folds, repeats=opts.repeats, outer_folds=opts.folds,
+                           outer_repeats=max(1, opts.repeats // 2), seed=opts.seed)
+    sel = SEL.select(Xl, y, names, cfg, nested=True)
+    score = sel.score(X)
+    # pooled out-of-fold scores of the whole procedure (one outer repeat) for the ROC and TPR@1%FPR
+    k = min(opts.folds, int(min(y.sum(), (1 - y).sum())))
+    oof_s = np.zeros(len(y))
+    oof_l = np.zeros(len(y), dtype=np.int64)
+    ref = score.copy()
+    fitted = sel.procedure.kind != "single"
+    lab_rows = np.flatnonzero(lab)
+    for tr, te in StratifiedKFold(n_splits=k, shuffle=True, random_state=opts.seed + 1).split(Xl, y):
+        idx, _, _ = SEL.choose(Xl[tr], y[tr], names, cfg, with_kappa=False)
+        proc = SEL.fit_procedure(Xl[tr], y[tr], idx, names, cfg)
+        s_te = proc.score(Xl[te])
+        oof_s[te] = _ecdf_position(np.sort(proc.score(Xl[tr])[y[tr] == 0]), s_te)
+        oof_l[te] = (s_te >= proc.threshold).astype(np.int64)
+        if fitted:  # the chosen combination, refit without the fold
+            ch = SEL.candidate_names(names, cfg).index(sel.chosen)
+            ref[lab_rows[te]] = SEL.fit_procedure(Xl[tr], y[tr], ch, names, cfg).score(Xl[te])
+    m = evaluate(y, oof_l, oof_s, bootstrap=opts.bootstrap, seed=opts.seed)
+    d = sel.to_dict()
+    ne = d["nested"]
+    counts = ne.get("choice_counts", {})
+    auc_all = {n: _fold_auc(y, Xl[:, j]) for j, n in enumerate(names)}
+    res = {
+        "method": "ganprint.select: repeated stratified CV ranking, one-SE rule, nested CV estimate",
+        "chosen": sel.chosen, "reason": sel.reason, "procedure": d["procedure"],
+        "nested": {"auc": ne["auc_mean"], "auc_ci": _clip(ne["auc_ci"], 0.0, 1.0), "kappa": ne["kappa_mean"],
+                   "kappa_ci": _clip(ne["kappa_ci"], -1.0, 1.0),
+                   "folds": ne["folds"], "repeats": ne["repeats"], "n": int(len(y)), "n_pos": int(y.sum()),
+                   "tpr_at_1fpr": m["tpr_at_fpr"], "auc_pooled_oof": m["auc"], "auc_pooled_oof_ci": m["auc_ci"],
+                   "choice_counts": counts, "ci_method": ne.get("method")},
+        "candidates": [{"name": c["name"], "kind": c["kind"], "cv_auc": c["auc_mean"], "cv_auc_sd": c["auc_sd"],
+                        "cv_kappa": c["kappa_mean"], "within_noise": c["within_noise"],
+                        "auc_all": auc_all.get(c["name"]), "picked_in_folds": counts.get(c["name"], 0)}
+                       for c in d["candidates"]],
+        "config": d["config"],
+    }
+    return res, score, ref, oof_s, oof_l
+
+
+def _clip(ci, lo: float, hi: float):
+    return None if ci is None else [max(lo, float(ci[0])), min(hi, float(ci[1]))]
+
+
+def _feature_space_of(sel: dict, names: list[str]) -> str:
+    """The feature space of the chosen procedure's first (best) column."""
+    cols = sel.get("procedure", {}).get("columns") or [0]
+    return names[int(cols[0])].split("/")[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,48 +787,50 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
     names = cmeta["names"]
     st.done(cached=hit, note=f"{len(names)} candidates")
 
-    st.start("selection", f"{opts.repeats}x{opts.folds}-fold CV, nested")
+    st.start("selection", f"{opts.repeats}x{opts.folds}-fold CV ranking, nested {max(1, opts.repeats // 2)}x{opts.folds}-fold estimate")
     lab = tab["label"].notna().to_numpy()
     y = tab["label"].to_numpy(dtype="float64", na_value=np.nan)[lab].astype(np.int64)
-    skey = _digest({"c": ckey, "folds": opts.folds, "repeats": opts.repeats, "seed": opts.seed,
+    import importlib.util
+
+    skey = _digest({"c": ckey, "select": importlib.util.find_spec("ganprint.select") is not None, "folds": opts.folds, "repeats": opts.repeats, "seed": opts.seed,
                     "bootstrap": opts.bootstrap})
 
     def compute_selection():
         import torch
 
-        sel = _select(S[:, lab], y, names, opts)
-        tens = {"oof_score": torch.as_tensor(np.asarray(sel.pop("oof_score"), dtype=np.float64)),
-                "oof_label": torch.as_tensor(np.asarray(sel.pop("oof_label"), dtype=np.int64))}
+        sel, score, ref, oof_s, oof_l = _select(S, lab, y, names, opts)
+        tens = {"oof_score": torch.as_tensor(np.asarray(oof_s, dtype=np.float64)),
+                "oof_label": torch.as_tensor(np.asarray(oof_l, dtype=np.int64)),
+                "score": torch.as_tensor(score), "ref": torch.as_tensor(ref)}
         return tens, sel
 
     stens, sel, hit = cache.get_or_compute("selection", skey, compute_selection)
-    ci = sel["chosen_index"]
-    st.done(cached=hit, note=f"chosen {sel['chosen']}, nested AUC {sel['nested']['auc']:.3f}")
+    auc_txt = "n/a" if sel["nested"]["auc"] is None else f"{sel['nested']['auc']:.3f}"
+    st.done(cached=hit, note=f"chosen {sel['chosen']}, nested AUC {auc_txt}")
 
     st.start("pvalues", f"conformal p-values vs {int((tab['role'] == 'non_members').sum())} known non-members, "
                         f"BH at {opts.fdr:g}")
-    score = S[ci]
+    score = stens["score"].numpy().astype(np.float64)
+    ref_score = stens["ref"].numpy().astype(np.float64)
     nonmem = np.flatnonzero((tab["role"] == "non_members").to_numpy())
     self_in_ref = np.full(len(tab), -1)
     self_in_ref[nonmem] = np.arange(len(nonmem))
-    pvals = conformal_pvalues(score, score[nonmem], self_in_ref)
+    pvals = np.where(lab, conformal_pvalues(ref_score, ref_score[nonmem], self_in_ref),
+                     conformal_pvalues(score, ref_score[nonmem]))
     target_role = "unknown" if counts.get("unknown") else "members"
     target = (tab["role"] == target_role).to_numpy()
     qvals = np.full(len(tab), np.nan)
     flags = np.zeros(len(tab), dtype=bool)
     qvals[target], flags[target] = bh_flags(pvals[target], opts.fdr)
-    from ganprint.predict import calibrate_threshold
-
-    thr, dev_kappa = calibrate_threshold(score[lab], y)
+    thr = float(sel["procedure"]["threshold"])
+    dev_kappa = sel["procedure"].get("train_kappa")
     label_pred = (score >= thr).astype(np.int64) if opts.decision == "calibrate" else flags.astype(np.int64)
     st.done(note=f"{int(flags.sum())} of {int(target.sum())} {target_role} flagged")
 
     st.start("datacopy", "Meehan et al. C_T test, memorisation rate")
     from ganprint.datacopy import dataset_verdicts
 
-    bb0 = sel["chosen"].split("/")[0]
-    if bb0 not in realset.emb:
-        bb0 = opts.backbones[0]
+    bb0 = _feature_space_of(sel, names)
     dkey = _digest({"emb": emb_key[bb0], "seed": opts.seed, "bootstrap": opts.bootstrap, "bb": bb0})
 
     def compute_datacopy():
@@ -777,7 +865,7 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
         ids = tab["image_id"][unk].tolist()
         submission = write_submission(run.path / "submission.csv", ids, label_pred[unk.to_numpy()].tolist(),
                                       expected=ids)
-    chosen_bb = sel["chosen"].split("/")[0]
+    chosen_bb = _feature_space_of(sel, names)
     nn_idx = ctens.get(f"nn_idx.{chosen_bb}")
     nn_val = ctens.get(f"nn_val.{chosen_bb}")
     report: dict[str, Any] = {

@@ -24,7 +24,7 @@ def audit(
     fdr: float = typer.Option(0.1, "--fdr", help="Benjamini-Hochberg level for the flags."),
     decision: str = typer.Option("calibrate", "--decision", help="Submission labels: calibrate (kappa cut on the labelled images) or fdr (the flags)."),
     folds: int = typer.Option(5, "--folds", help="Cross-validation folds."),
-    repeats: int = typer.Option(3, "--repeats", help="Cross-validation repeats."),
+    repeats: int = typer.Option(4, "--repeats", help="Inner cross-validation repeats (the nested, outer CV uses half as many)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the CV splits, k-means and bootstraps."),
     bootstrap: int = typer.Option(500, "--bootstrap", help="Bootstrap resamples for the CIs."),
     gallery: int = typer.Option(12, "--gallery", help="Cards in the evidence gallery."),
