@@ -620,7 +620,24 @@ def _ecdf_position(ref_sorted, s):
     return (lo + hi) / (2.0 * max(len(ref_sorted), 1))
 
 
+def _oof_pvalue(y, oof) -> float:
+    """One-sided Mann-Whitney p-value of "members score higher" on pooled out-of-fold scores: each
+    fold's held-out scores come from a procedure fitted without them, so under no signal the two
+    classes' scores are exchangeable."""
+    import numpy as np
+    from scipy.stats import mannwhitneyu
+
+    y = np.asarray(y).astype(bool)
+    return float(mannwhitneyu(np.asarray(oof)[y], np.asarray(oof)[~y], alternative="greater").pvalue)
+
+
 def _select(S, lab, y, names, opts: AuditOptions):
+    res, score, ref, oof_s, oof_l = _select_impl(S, lab, y, names, opts)
+    res["nested"]["p_value"] = _oof_pvalue(y, oof_s)
+    return res, score, ref, oof_s, oof_l
+
+
+def _select_impl(S, lab, y, names, opts: AuditOptions):
     """Selection on the labelled images; ``ganprint.select`` when it exists, else :func:`select_fallback`.
 
     S float64 [C, R] (every real image), lab bool [R], y int [n_lab]. Returns (JSON-able dict,
@@ -727,20 +744,22 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def verdict_sentence(rep: dict[str, Any]) -> tuple[str, bool]:
-    """(one sentence with the numbers, significant?). Significant = the nested-CV AUC's CI lies
-    above 0.5 or at least one image is flagged at the FDR level."""
+def verdict_sentence(rep: dict[str, Any], alpha: float = 0.05) -> tuple[str, bool]:
+    """(one sentence with the numbers, significant?). Significant = the chosen procedure's pooled
+    out-of-fold scores separate the classes (one-sided Mann-Whitney p < alpha) *and* the nested-CV
+    AUC's CI lies above 0.5. Flags are reported, not used: under no signal BH may still flag an
+    image with probability up to the FDR level."""
     sel = rep["selection"]["nested"]
     fl = rep["flags"]
-    auc, ci = sel.get("auc"), sel.get("auc_ci")
+    auc, ci, p = sel.get("auc"), sel.get("auc_ci"), sel.get("p_value")
     auc_txt = "AUC n/a" if auc is None else f"AUC {auc:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    p_txt = "" if p is None else f", p = {p:.2g}"
     what = "unknown" if fl["set"] == "unknown" else "member"
     flag_txt = f"{fl['n_flagged']} of {fl['n_tested']} {what} images flagged at FDR {fl['q'] * 100:g}%"
-    sig = bool((ci is not None and ci[0] > 0.5) or fl["n_flagged"] > 0)
+    sig = bool(p is not None and p < alpha and (ci is None or ci[0] > 0.5))
     if sig:
-        return f"membership signal: {auc_txt} by nested CV; {flag_txt}.", True
-    return (f"no significant membership signal: {auc_txt} by nested CV (the interval includes chance); "
-            f"{flag_txt}."), False
+        return f"membership signal: {auc_txt} by nested CV{p_txt}; {flag_txt}.", True
+    return f"no significant membership signal: {auc_txt} by nested CV{p_txt}; {flag_txt}.", False
 
 
 def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | None = None, *,
