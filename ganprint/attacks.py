@@ -20,6 +20,9 @@ Registered attacks (see :data:`ATTACKS` for parameters):
 - ``domias``         van Breugel et al. 2023: log p_gen(x) - log p_ref(x), Gaussian KDEs
                      (scipy's Scott bandwidth) after a PCA fitted on generated + reference;
 - ``dist_ratio``     Carlini et al. 2023: -d(x, nearest g) / mean of d(x, its n nearest reals).
+- ``verify_max``     geometric verification (``simmatrix --verify``, ganprint.verify): the most
+                     RANSAC inliers of x against any of its shortlisted generated images;
+- ``verify_cal``     calibrated: log(1 + inliers vs generated) - log(1 + inliers vs reference).
 """
 
 from __future__ import annotations
@@ -217,6 +220,7 @@ class AttackSpec:
     citation: str = ""
     needs_embeddings: bool = False
     uses_reference: bool = False
+    requires: tuple[str, ...] = ()  # similarity tensors beyond the default ones (e.g. verify_*)
 
 
 ATTACKS: dict[str, AttackSpec] = {}
@@ -247,8 +251,13 @@ def register_attack(spec: AttackSpec, *, replace: bool = False) -> AttackSpec:
     return spec
 
 
-def attack_names() -> list[str]:
-    return list(ATTACKS)
+def attack_names(available=None) -> list[str]:
+    """All attack names; with ``available`` (tensor names of a similarity artifact) only those
+    whose ``requires`` it has."""
+    if available is None:
+        return list(ATTACKS)
+    have = set(available)
+    return [n for n, s in ATTACKS.items() if set(s.requires) <= have]
 
 
 def get_attack(name: str) -> AttackSpec:
@@ -479,5 +488,43 @@ for _spec in (
                "van Breugel et al. 2023", needs_embeddings=True, uses_reference=True),
     AttackSpec("dist_ratio", dist_ratio, "minus nearest-generated distance over mean distance to n nearest reals",
                {"n": 5, "eps": 1e-12}, "Carlini et al. 2023", uses_reference=True),
+):
+    register_attack(_spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# verified scores (``simmatrix --verify``): RANSAC inlier counts from ganprint.verify
+
+VERIFY_TENSORS = ("verify_real_values",)
+
+
+def _verified(ctx: AttackContext, name: str):
+    if name not in ctx.tensors:
+        raise ArtifactError(f"{ctx.source}: no verified scores ('{name}'); re-run `ganprint simmatrix` with "
+                            "--verify LOCAL (local features from `ganprint embed --backbone sift`)")
+    return ctx.array(name)
+
+
+def verify_max(ctx: AttackContext):
+    """Most RANSAC inliers of x against any of its verified generated candidates."""
+    return _verified(ctx, "verify_real_values")[:, 0]
+
+
+def verify_cal(ctx: AttackContext):
+    """log(1 + inliers vs generated) - log(1 + inliers vs the nearest reference image): a real
+    image that matches generic anatomy (many inliers with other reals too) is discounted."""
+    import numpy as np
+
+    g = _verified(ctx, "verify_real_values")[:, 0]
+    r = _verified(ctx, "verify_realref_values")[:, 0]
+    return np.log1p(g) - np.log1p(r)
+
+
+for _spec in (
+    AttackSpec("verify_max", verify_max, "most RANSAC inliers against a shortlisted generated image (--verify)",
+               {}, "geometric verification (Lowe 2004; SSCD-style shortlist)", requires=VERIFY_TENSORS),
+    AttackSpec("verify_cal", verify_cal, "verified inliers vs generated over inliers vs reference, as a log ratio",
+               {}, "geometric verification, calibrated", uses_reference=True,
+               requires=VERIFY_TENSORS + ("verify_realref_values",)),
 ):
     register_attack(_spec)

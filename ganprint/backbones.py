@@ -140,12 +140,14 @@ def get_backbone(name: str) -> BackboneSpec:
         return BACKBONES[name]
     except KeyError:
         raise GanprintError(
-            f"unknown backbone '{name}'; choose one of: {', '.join(sorted(BACKBONES))}"
+            f"unknown backbone '{name}'; choose one of: {', '.join(backbone_names())}"
         ) from None
 
 
 def backbone_names() -> list[str]:
-    return sorted(BACKBONES)
+    from ganprint.local_features import LOCAL_KINDS  # sift / orb: local features (embed writes keypoints)
+
+    return sorted([*BACKBONES, *LOCAL_KINDS])
 
 
 # ---------------------------------------------------------------------------------------------

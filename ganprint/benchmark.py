@@ -98,7 +98,11 @@ def attack_rows(fs: FeatureSet, truth: dict[str, int], attacks: list[str] | None
     if fs.dev_sim is None or fs.test_sim is None:
         raise GanprintError(f"{fs.name}: similarity artifacts missing; call add_similarity first")
     rows = []
-    for attack in attacks or attack_names():
+    if not attacks:  # every attack whose tensors the artifacts have (verify_* only with --verify)
+        from ganprint.artifacts import read_artifact
+
+        attacks = attack_names(read_artifact(fs.test_sim, with_table=False).tensors)
+    for attack in attacks:
         pred = predict(fs.test_sim, attack, calibrate=fs.dev_sim)
         rows.append(_row(fs.name, attack, "dev-calibrated", pred, truth, bootstrap))
         if scores_dir is not None:

@@ -165,8 +165,19 @@ def run_embed(
     force: bool = False,
     stdin=None,
     progress: bool = True,
+    max_keypoints: int | None = None,
 ) -> EmbedOutcome:
-    """Embed ``inputs`` (folders / files / ``-``) and write the artifact ``out``."""
+    """Embed ``inputs`` (folders / files / ``-``) and write the artifact ``out``.
+
+    ``backbone`` sift / orb writes a local-features artifact instead (ganprint.local_features;
+    ``max_keypoints`` per image, ``image_size`` the square size features are extracted at)."""
+    from ganprint.local_features import is_local, run_local_embed
+
+    if is_local(backbone):
+        if weights is not None or checkpoint is not None:
+            raise GanprintError(f"--backbone {backbone}: local features take no --weights or --checkpoint")
+        return run_local_embed(inputs, out, backbone, max_keypoints=max_keypoints or 400, image_size=image_size or 256,
+                               workers=workers, skip_bad=skip_bad, force=force, stdin=stdin, progress=progress)
     import torch
 
     from ganprint.backbones import get_backbone, load_backbone

@@ -590,6 +590,8 @@ def run_simmatrix(
     engine: str = "torch",
     realref: bool = True,
     precision: str = "auto",
+    verify: list | None = None,
+    verify_k: int = 50,
 ) -> SimmatrixOutcome:
     """Read embeddings artifacts, compute similarity, write the similarity artifact ``out``.
 
@@ -662,11 +664,28 @@ def run_simmatrix(
             ref_exclude = torch.as_tensor([pos.get(h, -1) for h in rart.table["sha256"].to_numpy()[r_rows]],
                                           dtype=torch.long)
 
+    vin = None
+    if verify:  # local features lined up with these rows (refusals before any search)
+        from ganprint.verify import prepare_verification
+
+        vin = prepare_verification(verify, gen_table=gart.table, gen_rows=g_rows, real_table=rart.table,
+                                   real_rows=r_rows, ref_table=None if ref_art is None else ref_art.table,
+                                   ref_rows=ref_rows, gen_src=f"{gart.base}{TENSOR_SUFFIX}",
+                                   real_src=f"{rart.base}{TENSOR_SUFFIX}",
+                                   ref_src=None if ref_art is None else f"{ref_art.base}{TENSOR_SUFFIX}",
+                                   k=verify_k)
     gen_emb = gart.tensor("embeddings")[torch.as_tensor(g_rows)]
     real_emb = rart.tensor("embeddings")[torch.as_tensor(r_rows)]
     tensors = compute_similarity(gen_emb, real_emb, ref=ref_emb, ref_exclude=ref_exclude, metric=metric, k=k,
                                  full=full, block=block, device=dev, engine=engine, realref=realref,
                                  precision=precision)
+    vprov = None
+    if vin is not None:
+        from ganprint.verify import verify_for_similarity
+
+        vt, vprov = verify_for_similarity(vin, gen_emb=gen_emb, real_emb=real_emb, ref_emb=ref_emb,
+                                          ref_exclude=ref_exclude, metric=metric, k=verify_k, block=block, device=dev)
+        tensors.update(vt)
     tensors["gen_rows"] = torch.as_tensor(g_rows, dtype=torch.long)
     tensors["real_rows"] = torch.as_tensor(r_rows, dtype=torch.long)
     if ref_rows is not None:
@@ -703,6 +722,7 @@ def run_simmatrix(
         real=_source_info(rart, r_rows, "real"),
         reference=None if ref_art is None else _source_info(ref_art, ref_rows, "reference"),
         rows=len(table),
+        verify=vprov,
     )
     # comparable_key of the sources, flattened, so later stages can compare similarity artifacts
     prov.update({key: val for key, val in comparable_key(gart.provenance).items() if key != "checkpoint"})

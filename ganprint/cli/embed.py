@@ -18,7 +18,8 @@ def embed(
                                  autocompletion=complete_backbone),
     weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP + " [default: the backbone's own]"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Fine-tuned checkpoint from `ganprint train` (embeds with its projection head)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Input resolution [default: the backbone's own]."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Input resolution [default: the backbone's own; sift/orb: 256]."),
+    max_keypoints: int = typer.Option(400, "--max-keypoints", help="sift/orb: keypoints kept per image (strongest first)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader decoding processes [default: min(4, cores-1)]."),
@@ -34,10 +35,10 @@ def embed(
     res = run_embed(
         data, out, backbone=backbone, weights=weights, image_size=image_size,
         checkpoint=str(checkpoint) if checkpoint else None, device=device, batch_size=batch_size,
-        workers=workers, skip_bad=skip_bad, force=force, progress=not quiet,
+        workers=workers, skip_bad=skip_bad, force=force, progress=not quiet, max_keypoints=max_keypoints,
     )
     for s in res.skipped:
-        log(f"[yellow]warning[/yellow]: skipped {s['path']}: {s['reason']}")
+        log(f"[yellow]warning[/yellow]: {s.get('action', 'skipped')} {s['path']}: {s['reason']}")
     if res.reused:
         log(f"reused {res.base} (same inputs, backbone and weights; --force recomputes)")
     elif not quiet:

@@ -31,6 +31,10 @@ def simmatrix(
                                                               "certified candidates); auto = bf16 where the CPU has "
                                                               "bf16 dot products and the problem is large."),
     realref: bool = typer.Option(True, "--realref/--no-realref", help="Also store each real image's nearest reference/real images."),
+    verify: Optional[list[str]] = typer.Option(None, "--verify", help="Local-features artifact(s) of the same images "
+                                               "(`embed --backbone sift`): re-score the top --verify-k candidates by "
+                                               "descriptor matching + RANSAC (repeatable)."),
+    verify_k: int = typer.Option(50, "--verify-k", help="Candidates per real image to verify (0: all generated)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the artifact path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No log line."),
 ) -> None:
@@ -53,7 +57,8 @@ def simmatrix(
 
     outcome = run_simmatrix(out, res(dataset), res(generated), res(real), res(reference), metric=metric, k=k,
                             full=full, block=block, device=device, engine=engine, realref=realref,
-                            precision=precision)
+                            precision=precision, verify=[str(res(v)) for v in verify or []] or None,
+                            verify_k=verify_k)
     if not quiet:
         ref = f", reference {outcome.n_reference}" if outcome.n_reference is not None else ""
         log(f"similarity {outcome.n_generated} generated x {outcome.n_real} real{ref} ({metric}, top-{outcome.k}"

@@ -19,9 +19,9 @@ def _complete_regime(incomplete: str) -> list[str]:
 
 @handle_errors
 def synth(
-    out: Path = typer.Argument(..., help="Output folder: OUT/dev, OUT/test, OUT/test_truth.csv, OUT/synth.json, OUT/generator.safetensors."),
+    out: Path = typer.Argument(..., help="Output folder: OUT/dev, OUT/test, OUT/test_truth.csv, OUT/synth.json, OUT/generator.safetensors (and OUT/replicas.csv with --copies)."),
     regime: str = typer.Option("memorize", "--regime", "-r", autocompletion=_complete_regime,
-                               help="memorize (few members, many steps: strong signal), balanced, or generalize (many members: weak signal)."),
+                               help="memorize (few members, many steps: strong signal), balanced, generalize (many members: weak signal), or copies (balanced + 15% replicas)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the phantoms, the split, the GAN and its samples."),
     size: Optional[int] = typer.Option(None, "--size", help="Output image size in pixels (square). [default: 256]"),
     dev_real: Optional[int] = typer.Option(None, "--dev-real", help=f"Dev real_used and real_not_used images, each. [default: {regime_help('dev_real')}]"),
@@ -40,6 +40,13 @@ def synth(
     log_every: Optional[int] = typer.Option(None, "--log-every", help="Loss curve in synth.json: one point per this many steps. [default: 25]"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch; more rarely help this small GAN and stall on a busy machine. [default: 1]"),
+    copies: Optional[float] = typer.Option(None, "--copies", help=f"Fraction of each split's generated images replaced by transformed replicas of random members (truth in OUT/replicas.csv). [default: 0; {regime_help('copies')}]"),
+    copy_rotation: Optional[float] = typer.Option(None, "--copy-rotation", help="Replicas: largest rotation, degrees (+-). [default: 10]"),
+    copy_shift: Optional[float] = typer.Option(None, "--copy-shift", help="Replicas: largest translation per axis, fraction of the side (+-). [default: 0.08]"),
+    copy_gamma_min: Optional[float] = typer.Option(None, "--copy-gamma-min", help="Replicas: smallest gamma (log-uniform). [default: 0.8]"),
+    copy_gamma_max: Optional[float] = typer.Option(None, "--copy-gamma-max", help="Replicas: largest gamma. [default: 1.25]"),
+    copy_blur: Optional[float] = typer.Option(None, "--copy-blur", help="Replicas: largest down-sampling factor of the blur (1 = none). [default: 2]"),
+    copy_noise: Optional[float] = typer.Option(None, "--copy-noise", help="Replicas: largest Gaussian noise sigma, gray levels. [default: 6]"),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists and is not empty."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the output path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -56,7 +63,9 @@ def synth(
         test_generated=test_generated, slices_per_patient=slices_per_patient,
         real_dir=str(real_dir) if real_dir is not None else None, group_by_folder=group_by_folder or None,
         steps=steps, batch_size=batch_size, gan_res=gan_res, gan_width=gan_width, z_dim=z_dim, lr=lr,
-        log_every=log_every, device=device, threads=threads,
+        log_every=log_every, device=device, threads=threads, copies=copies, copy_rotation=copy_rotation,
+        copy_shift=copy_shift, copy_gamma_min=copy_gamma_min, copy_gamma_max=copy_gamma_max, copy_blur=copy_blur,
+        copy_noise=copy_noise,
     )
     res = run_synth(out, cfg, force=force, progress=not quiet)
     if not quiet:
@@ -65,6 +74,10 @@ def synth(
             f"dev {c['dev']['generated']} generated / {c['dev'].get('real_used', 0)} used / "
             f"{c['dev'].get('real_not_used', 0)} not used, test {c['test']['generated']} generated / "
             f"{c['test'].get('real_unknown', 0)} unknown in {res.seconds['total']:.1f}s")
+        if cfg.copies > 0:
+            rc = c["replicas"]
+            log(f"replicas: dev {rc['dev']}, test {rc['test']} (truth in {res.out}/replicas.csv); "
+                f"{rc['test_members_with_replica']} of {c['test']['members']} test members have one")
     if as_json:
         print_json({"out": str(res.out), "regime": cfg.regime, "seed": cfg.seed, "counts": res.counts,
                     "seconds": res.seconds, "generator_sha256": res.generator_sha256, "device": res.device,

@@ -8,6 +8,8 @@ Output (``OUT``)::
     test/generated/         generated_test_00001.png ...
     test/real_unknown/      real_unknown_0001.png ...     members and non-members, shuffled
     test_truth.csv          image_id,label   (image_id = file name without extension)
+    replicas.csv            only with --copies F > 0: the generated images that are transformed
+                            copies of members (see ganprint.synth.replicas)
     generator.safetensors   the trained generator (architecture in its metadata)
     synth.json              parameters, seed, counts, timings, loss curve, digests, image list
 
@@ -68,6 +70,22 @@ class SynthConfig:
     # torch CPU threads: this small GAN gains little from a second thread on 2 cores, and with
     # other jobs on the machine OpenMP threads spin-wait (measured 6-10x slower); None: torch's own
     threads: int | None = 1
+    # replicas (see ganprint.synth.replicas): this fraction of each split's generated images are
+    # transformed copies of random members; 0 = none (the output is then what it was without them)
+    copies: float = 0.0
+    copy_rotation: float = 10.0  # degrees, +-
+    copy_shift: float = 0.08  # fraction of the side, +- per axis
+    copy_gamma_min: float = 0.8
+    copy_gamma_max: float = 1.25
+    copy_blur: float = 2.0  # largest down-sampling factor of the blur (1 = none)
+    copy_noise: float = 6.0  # largest Gaussian noise sigma, gray levels
+
+    @property
+    def replica_ranges(self):
+        from ganprint.synth.replicas import ReplicaRanges
+
+        return ReplicaRanges(rotation=self.copy_rotation, shift=self.copy_shift, gamma_min=self.copy_gamma_min,
+                             gamma_max=self.copy_gamma_max, blur=self.copy_blur, noise=self.copy_noise)
 
     @property
     def members(self) -> int:
@@ -108,6 +126,9 @@ def _validate(cfg: SynthConfig) -> None:
         raise GanprintError(f"--gan-res {cfg.gan_res}: larger than --size {cfg.size}; lower --gan-res or raise --size")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise GanprintError(f"--lr {cfg.lr}: must be a positive number")
+    if not (0.0 <= cfg.copies <= 1.0):
+        raise GanprintError(f"--copies {cfg.copies}: must be a fraction in [0, 1] (e.g. 0.15)")
+    cfg.replica_ranges.validate()
     if cfg.group_by_folder and not cfg.real_dir:
         raise GanprintError("--group-by-folder: only applies to --real-dir; pass --real-dir DIR or drop the option")
 
@@ -389,11 +410,17 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
 
         # -- sampling: dev and test from separate noise streams
         t = time.perf_counter()
-        gen_dev = resize_batch(sample(res.generator, cfg.dev_generated, cfg.z_dim, cfg.seed * 2 + 101, dev),
-                               cfg.size, "bicubic")
-        gen_test = resize_batch(sample(res.generator, cfg.test_generated, cfg.z_dim, cfg.seed * 2 + 102, dev),
-                                cfg.size, "bicubic")
+        raw = {"dev": sample(res.generator, cfg.dev_generated, cfg.z_dim, cfg.seed * 2 + 101, dev),
+               "test": sample(res.generator, cfg.test_generated, cfg.z_dim, cfg.seed * 2 + 102, dev)}
         seconds["sample"] = time.perf_counter() - t
+        plans = []
+        if cfg.copies > 0:
+            t = time.perf_counter()
+            plans = _insert_replicas(raw, train_imgs, cfg)
+            seconds["replicas"] = time.perf_counter() - t
+        # replicas go through the same up-sampling as the samples they replace
+        gen_dev = resize_batch(raw["dev"], cfg.size, "bicubic")
+        gen_test = resize_batch(raw["test"], cfg.size, "bicubic")
         threads_used = torch.get_num_threads()
 
     # -- writing, into a temporary folder renamed at the end
@@ -406,7 +433,13 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
     try:
         with _Bar(progress, "synth: write PNGs", "img/s",
                   cfg.dev_generated + cfg.test_generated + cfg.real_needed) as bar:
-            images = _write_layout(tmp, cfg, reals, assign, gen_dev, gen_test, bar.tick)
+            real_ids: dict[int, dict] = {}
+            images = _write_layout(tmp, cfg, reals, assign, gen_dev, gen_test, bar.tick, real_ids)
+        replica_rows = _replica_rows(plans, members, real_ids)
+        if plans:
+            from ganprint.synth.replicas import REPLICAS_FILE, write_replicas_csv
+
+            write_replicas_csv(tmp / REPLICAS_FILE, replica_rows)
         gen_path = tmp / "generator.safetensors"
         save_generator(res.generator, gcfg, gen_path,
                        extra={"ganprint_version": __version__, "seed": cfg.seed, "regime": cfg.regime})
@@ -414,6 +447,7 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
         seconds["write"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t_all
         counts = _counts(images, cfg)
+        counts["replicas"] = _replica_counts(replica_rows, images)
         summary = {
             "format": SYNTH_FORMAT,
             "ganprint_version": __version__,
@@ -436,6 +470,11 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
                             "numpy": np.__version__, "torch_threads": threads_used},
             "images": images,
         }
+        if plans:
+            summary["replicas"] = {"file": "replicas.csv", "fraction": cfg.copies,
+                                   "ranges": asdict(cfg.replica_ranges),
+                                   "applied_at": f"generator resolution {cfg.gan_res} px, then up-sampled like the samples",
+                                   "sources": "uniform over the generator's training set (dev and test members)"}
         with open(tmp / "synth.json", "w") as fh:
             json.dump(summary, fh, indent=1, sort_keys=True)
             fh.write("\n")
@@ -448,9 +487,46 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
                         device=str(dev), final_losses={k: final.get(k) for k in ("loss_d", "loss_g")})
 
 
+def _insert_replicas(raw: dict[str, np.ndarray], train_imgs: np.ndarray, cfg: SynthConfig) -> list:
+    """Overwrite the planned slots of ``raw[split]`` (uint8 [G, R, R], in place) with replicas."""
+    from ganprint.synth.replicas import make_replicas, plan_replicas
+
+    plans, rng = plan_replicas({k: len(v) for k, v in raw.items()}, len(train_imgs), cfg.copies,
+                               cfg.replica_ranges, cfg.seed)
+    for plan in plans:
+        if len(plan.slots):
+            raw[plan.split][plan.slots] = make_replicas(train_imgs, plan, rng)
+    return plans
+
+
+def _replica_rows(plans: list, members: np.ndarray, real_ids: dict[int, dict]) -> list[dict]:
+    """One replicas.csv row per replica: generated file, source member (its written id), transform."""
+    rows = []
+    for plan in plans:
+        ids = _ids(f"generated_{plan.split}", plan.n_generated, 5)  # the names _write_layout gives
+        for slot, src, params in zip(plan.slots, plan.sources, plan.params):
+            image_id = ids[int(slot)]
+            s = real_ids[int(members[src])]
+            rows.append({"image_id": image_id, "file": f"{plan.split}/generated/{image_id}.png", "split": plan.split,
+                         "source_id": s["image_id"], "source_file": s["file"], "source_split": s["split"], **params})
+    return rows
+
+
+def _replica_counts(rows: list[dict], images: list[dict]) -> dict:
+    """Replicas per split, and how many test members have one among the test generated images."""
+    copied = {r["source_id"] for r in rows if r["split"] == "test"}
+    test_members = [r["image_id"] for r in images if r["subset"] == "real_unknown" and r["label"] == 1]
+    return {"dev": sum(r["split"] == "dev" for r in rows), "test": sum(r["split"] == "test" for r in rows),
+            "test_members_with_replica": sum(i in copied for i in test_members),
+            "members_with_replica": len({r["source_id"] for r in rows})}
+
+
 def _write_layout(root: Path, cfg: SynthConfig, reals: RealSet, assign: np.ndarray,
-                  gen_dev: np.ndarray, gen_test: np.ndarray, tick=None) -> list[dict]:
-    """Write the PNGs and ``test_truth.csv`` under ``root``; returns one record per real image."""
+                  gen_dev: np.ndarray, gen_test: np.ndarray, tick=None,
+                  real_ids: dict[int, dict] | None = None) -> list[dict]:
+    """Write the PNGs and ``test_truth.csv`` under ``root``; returns one record per real image.
+
+    ``real_ids``, if given, is filled with ``{index into reals: its record}``."""
     for d in ("dev/generated", "dev/real_used", "dev/real_not_used", "test/generated", "test/real_unknown"):
         (root / d).mkdir(parents=True)
     for sub, arr in (("dev", gen_dev), ("test", gen_test)):
@@ -471,6 +547,8 @@ def _write_layout(root: Path, cfg: SynthConfig, reals: RealSet, assign: np.ndarr
             save_palette_png(reals.images[i], root / split / subset / f"{image_id}.png")
             records.append({"image_id": image_id, "split": split, "subset": subset, "label": label,
                             "file": f"{split}/{subset}/{image_id}.png", **reals.source[i]})
+            if real_ids is not None:
+                real_ids[int(i)] = records[-1]
             if tick:
                 tick()
     with open(root / "test_truth.csv", "w", newline="") as fh:

@@ -257,7 +257,7 @@ def test_real_dir_too_few_images(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--regime", "overfit"], "Error: --regime overfit: unknown regime; use one of memorize, balanced, generalize"),
+    (["--regime", "overfit"], "Error: --regime overfit: unknown regime; use one of memorize, balanced, generalize, copies"),
     (["--gan-res", "48"], "Error: --gan-res 48: must be a power of two >= 16 (e.g. 32, 64, 128)"),
     (["--steps", "0"], "Error: --steps 0: must be at least 1"),
     (["--size", "32", "--gan-res", "64"], "Error: --gan-res 64: larger than --size 32; lower --gan-res or raise --size"),
