@@ -261,7 +261,9 @@ class AuditOptions:
     bootstrap: int = 500
     gallery: int = 12
     k: int = 10
-    verify: bool = True  # local-feature verification when ganprint.verify exists
+    verify: bool = True  # local-feature verification (SIFT + RANSAC) when ganprint.verify and OpenCV exist
+    verify_k: int = 50  # shortlist per real image (global similarity) re-scored by verification
+    local: str = "sift"
     decision: str = "calibrate"  # submission labels: calibrate (kappa cut on the labelled images) | fdr
     device: str = "auto"
     batch_size: int = 32
@@ -281,12 +283,39 @@ class AuditOptions:
             raise GanprintError(f"--gallery {self.gallery}: must be >= 0")
         if self.decision not in ("calibrate", "fdr"):
             raise GanprintError(f"--decision {self.decision}: use calibrate or fdr")
-        if not self.backbones:
-            raise GanprintError("--backbone: give at least one feature space")
+        if not self.global_backbones():
+            raise GanprintError("--backbone: give at least one global feature space (e.g. pixels)")
         from ganprint.backbones import get_backbone
 
-        for b in self.backbones:
+        for b in self.global_backbones():
             get_backbone(b)
+        if self.verify_k < 1:
+            raise GanprintError(f"--verify-k {self.verify_k}: must be at least 1")
+
+    def global_backbones(self) -> tuple[str, ...]:
+        return tuple(b for b in self.backbones if not _is_local(b))
+
+    def local_kind(self) -> str | None:
+        """The local-feature kind used for verification, or None (off / unavailable)."""
+        locals_ = [b for b in self.backbones if _is_local(b)]
+        if not (self.verify or locals_) or not verify_available():
+            return None
+        return locals_[0] if locals_ else self.local
+
+
+def _is_local(name: str) -> bool:
+    try:
+        from ganprint.local_features import is_local
+    except ImportError:
+        return False
+    return is_local(name)
+
+
+def verify_available() -> bool:
+    """ganprint.verify (copy detection) and OpenCV importable."""
+    import importlib.util
+
+    return importlib.util.find_spec("ganprint.verify") is not None and importlib.util.find_spec("cv2") is not None
 
 
 @dataclass
@@ -341,7 +370,8 @@ def _embed_all(inp: AuditInputs, opts: AuditOptions, run: RunDir, progress: bool
     from ganprint.embed import run_embed
 
     out: dict[str, dict[str, Any]] = {}
-    for bb in opts.backbones:
+    kinds = list(opts.global_backbones()) + ([opts.local_kind()] if opts.local_kind() else [])
+    for bb in kinds:
         folder = run.cache / "emb" / bb
         folder.mkdir(parents=True, exist_ok=True)
         out[bb] = {}
@@ -365,7 +395,10 @@ def _real_set(embs: dict[str, dict[str, Any]], inp: AuditInputs) -> tuple[RealSe
     import torch
 
     tables, gens, real_emb = [], {}, {}
+    first = next(b for b in embs if not _is_local(b))
     for bb, roles in embs.items():
+        if _is_local(bb):
+            continue
         parts = []
         gens[bb] = {}
         for role in ("generated", "test_generated"):
@@ -376,7 +409,7 @@ def _real_set(embs: dict[str, dict[str, Any]], inp: AuditInputs) -> tuple[RealSe
                 continue
             x, t = _load_embeddings(roles[role])
             parts.append(x)
-            if bb == next(iter(embs)):
+            if bb == first:
                 tables.append(pd.DataFrame({
                     "image_id": t["image_id"].astype(str).to_numpy(), "role": role,
                     "label": pd.array([ROLE_LABEL[role]] * len(t), dtype="Int8"),
@@ -512,48 +545,37 @@ def _rank01(s):
 
 
 def conformal_pvalues(scores, ref_scores, self_in_ref=None):
-    """p_i = (1 + #{j: ref_j >= s_i}) / (n_ref + 1); for an image that is itself reference row j
-    (``self_in_ref[i] = j >= 0``) that row is left out: (1 + #{others >= s_i}) / n_ref.
+    """p_i = (1 + #{j: ref_j >= s_i}) / (n_ref + 1), the image itself left out of the reference
+    where ``self_in_ref[i] >= 0`` (ganprint.conformal). float64 [R]."""
+    from ganprint.conformal import conformal_pvalues as _cp
 
-    scores float [R], ref_scores float [M], self_in_ref int [R] or None. Returns float64 [R]."""
-    import numpy as np
-
-    s = np.asarray(scores, dtype=np.float64)
-    ref = np.sort(np.asarray(ref_scores, dtype=np.float64))
-    m = len(ref)
-    if m == 0:
-        raise GanprintError("p-values need at least one known non-member score")
-    ge = m - np.searchsorted(ref, s, side="left")  # #{ref >= s}
-    p = (1.0 + ge) / (m + 1.0)
-    if self_in_ref is not None:
-        own = np.asarray(self_in_ref) >= 0
-        if m < 2 and own.any():
-            raise GanprintError("leave-one-out p-values need at least two known non-members")
-        p[own] = ge[own] / float(m)  # (1 + ge - 1) / ((m - 1) + 1): itself is among the >= s
-    return np.clip(p, 0.0, 1.0)
+    return _cp(scores, ref_scores, self_in_ref)
 
 
 def bh_flags(pvalues, q: float):
-    """(adjusted p-values float64 [n], flags bool [n]) by Benjamini-Hochberg at level q (scipy)."""
-    import numpy as np
-    from scipy.stats import false_discovery_control
+    """(BH-adjusted p-values float64 [n], flags bool [n] at level q) (ganprint.conformal, scipy)."""
+    from ganprint.conformal import bh_adjust, check_q
 
-    p = np.asarray(pvalues, dtype=np.float64)
-    if len(p) == 0:
-        return p, np.zeros(0, dtype=bool)
-    adj = false_discovery_control(p, method="bh")
-    return adj, adj <= q
+    adj = bh_adjust(pvalues)
+    return adj, adj <= check_q(q)
 
 
 # ---------------------------------------------------------------------------------------------
 # candidates
 
 
-def _candidates(realset: RealSet, gens: dict, inp: AuditInputs, opts: AuditOptions):
+def _local_sets(embs: dict, kind: str) -> dict[str, Any]:
+    from ganprint.local_features import load_local
+
+    return {role: load_local(o.base) for role, o in embs[kind].items()}
+
+
+def _candidates(realset: RealSet, gens: dict, inp: AuditInputs, opts: AuditOptions, embs: dict):
     """Every (feature space, attack) score on every real image.
 
-    Returns (scores float64 [C, R], names [C], nn {backbone: (idx int64 [R, 3], val [R, 3])} with
-    indices into the generated set of each real image's split, notes)."""
+    Returns (scores float64 [C, R], names [C], nn {space: (idx int64 [R, 3], val [R, 3])} with
+    indices into the generated set of each real image's split (for ``sift``: the verified
+    matches, val = inliers), verify_info, notes)."""
     import numpy as np
     import torch
 
@@ -570,16 +592,30 @@ def _candidates(realset: RealSet, gens: dict, inp: AuditInputs, opts: AuditOptio
     rng = np.random.default_rng(opts.seed)
     free = excl_all < 0
     excl_all[free] = rng.integers(0, len(nonmem), int(free.sum()))
+    kind = opts.local_kind()
+    glob = opts.global_backbones()
+    shortlist = glob[-1]  # verification re-scores the shortlist of this global space
+    local = None
+    if kind is not None:
+        from ganprint.verify import VerifyInputs, lookup
+
+        local = _local_sets(embs, kind)
+        sets = [local[r] for r in REAL_ROLES if r in local]
+        real_local = lookup(sets, t, np.arange(R), "real", "audit")
     names: list[str] = []
     rows: list[Any] = []
     notes: list[str] = []
     nn: dict[str, tuple[Any, Any]] = {}
-    for bb in opts.backbones:
+    verify_info: dict[str, Any] = {}
+    for bb in glob:
         real = realset.emb[bb]
         ref = real[torch.as_tensor(nonmem)]
-        per_attack = {a: np.full(R, np.nan) for a in attack_names()}
+        per_attack: dict[str, Any] = {}
+        space = {}
         idx = np.full((R, 3), -1, dtype=np.int64)
         val = np.full((R, 3), np.nan)
+        vidx = np.full((R, 3), -1, dtype=np.int64)
+        vval = np.full((R, 3), np.nan)
         for role, mask in _generated_for(realset, inp):
             rows_ = np.flatnonzero(mask)
             if len(rows_) == 0:
@@ -587,28 +623,76 @@ def _candidates(realset: RealSet, gens: dict, inp: AuditInputs, opts: AuditOptio
             gen = gens[bb][role]
             sub_real = real[torch.as_tensor(rows_)]
             tens = similarity_tensors(gen, sub_real, ref, excl_all[rows_], opts.k)
+            if local is not None and bb == shortlist:
+                from ganprint.verify import verify_for_similarity
+
+                gen_local = lookup([local[role]], _load_embeddings(embs[bb][role])[1], np.arange(len(gen)), "generated",
+                                   str(embs[bb][role].base))
+                vin = VerifyInputs(gen_local, real_local.subset(rows_), real_local.subset(nonmem), [local[role]])
+                vt, vprov = verify_for_similarity(vin, gen_emb=gen, real_emb=sub_real, ref_emb=ref,
+                                                  ref_exclude=torch.as_tensor(excl_all[rows_]), k=opts.verify_k)
+                tens.update({k: torch.as_tensor(np.asarray(v)) for k, v in vt.items()})
+                verify_info[role] = {k: vprov.get(k) for k in ("detector", "k", "ratio", "reproj", "pairs", "score",
+                                                               "shortlist")}
+                verify_info[role]["shortlist_space"] = bb
+                kv = min(3, vt["verify_real_indices"].shape[1])
+                vidx[rows_, :kv] = np.asarray(vt["verify_real_indices"])[:, :kv]
+                vval[rows_, :kv] = np.asarray(vt["verify_real_values"])[:, :kv]
             ctx = attack_context(tens, gen, sub_real, ref)
             kk = min(3, tens["real_topk_indices"].shape[1])
             idx[rows_, :kk] = tens["real_topk_indices"][:, :kk].numpy()
             val[rows_, :kk] = tens["real_topk_values"][:, :kk].numpy()
-            for a in list(per_attack):
-                try:
-                    s = np.asarray(run_attack(a, ctx), dtype=np.float64)
-                except GanprintError as exc:
-                    notes.append(f"{bb}/{a} left out: {exc}")
-                    per_attack.pop(a)
+            for a in attack_names(tens.keys()):
+                prefix = kind if a.startswith("verify") else bb
+                key = f"{prefix}/{a}"
+                if key in space and space[key] is None:
                     continue
-                per_attack[a][rows_] = s
+                try:
+                    sc = np.asarray(run_attack(a, ctx), dtype=np.float64)
+                except GanprintError as exc:
+                    notes.append(f"{key} left out: {exc}")
+                    space[key] = None
+                    continue
+                space.setdefault(key, np.full(R, np.nan))[rows_] = sc
         nn[bb] = (idx, val)
-        for a, s in per_attack.items():
-            if not np.isfinite(s).all():
-                notes.append(f"{bb}/{a} left out: non-finite scores")
+        if local is not None and bb == shortlist:
+            nn[kind] = (vidx, vval)
+        for key, sc in space.items():
+            if sc is None:
                 continue
-            names.append(f"{bb}/{a}")
-            rows.append(s)
+            if not np.isfinite(sc).all():
+                notes.append(f"{key} left out: non-finite scores")
+                continue
+            names.append(key)
+            rows.append(sc)
+        del per_attack
     if not rows:
         raise GanprintError("no attack produced scores; check the inputs (too few images?)")
-    return np.stack(rows), names, nn, notes
+    return np.stack(rows), names, nn, verify_info, notes
+
+
+def _verified_nn_inliers(embs, kind, tab, real_emb, gen_emb, members, nonmem, k: int = 10):
+    """Most RANSAC inliers of each dev generated image [G] and of each known non-member [N]
+    against the members, over their top-k members by global similarity."""
+    import numpy as np
+
+    from ganprint.similarity import topk_search
+    from ganprint.verify import lookup, verify_candidates
+
+    local = _local_sets(embs, kind)
+    sets = [local[r] for r in REAL_ROLES if r in local]
+    real_local = lookup(sets, tab, np.arange(len(tab)), "real", "audit")
+    mem_local = real_local.subset(members.numpy())
+    gtab = _load_embeddings(embs[next(b for b in embs if not _is_local(b))]["generated"])[1]
+    gen_local = lookup([local["generated"]], gtab, np.arange(len(gtab)), "generated", "audit")
+    keys = real_emb[members]
+    kk = min(k, len(keys))
+    out = []
+    for q_local, q_emb in ((gen_local, gen_emb), (real_local.subset(nonmem.numpy()), real_emb[nonmem])):
+        short, _, _ = topk_search(q_emb, keys, kk, metric="cosine", device="cpu")
+        v = verify_candidates(q_local, mem_local, short.indices.numpy())
+        out.append(np.asarray(v.values)[:, 0])
+    return out[0], out[1]
 
 
 def _ecdf_position(ref_sorted, s):
@@ -781,7 +865,10 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
     run.open()
     cache = StageCache(run.cache)
 
-    st.start("embed", f"{len(opts.backbones)} feature space(s): {', '.join(opts.backbones)}")
+    kind = opts.local_kind()
+    st.start("embed", f"feature spaces {', '.join(opts.global_backbones())}"
+                      + (f" + {kind} local features (verification)" if kind else " (no verification: OpenCV or "
+                         "ganprint.verify missing)" if opts.verify else ""))
     embs = _embed_all(inputs, opts, run, progress)
     st.done(cached=all(o.reused for r in embs.values() for o in r.values()))
     realset, gens = _real_set(embs, inputs)
@@ -789,17 +876,17 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
     emb_key = _emb_key(embs)
 
     st.start("similarity+attacks", "every attack on every feature space (candidates)")
-    ckey = _digest({"f": AUDIT_FORMAT, "emb": emb_key, "k": opts.k, "seed": opts.seed, "two_generators": inputs.test_generated is not None})
+    ckey = _digest({"f": AUDIT_FORMAT, "emb": emb_key, "k": opts.k, "seed": opts.seed, "verify_k": opts.verify_k, "two_generators": inputs.test_generated is not None})
 
     def compute_candidates():
         import torch
 
-        S, names, nn, notes = _candidates(realset, gens, inputs, opts)
+        S, names, nn, vinfo, notes = _candidates(realset, gens, inputs, opts, embs)
         tens = {"scores": torch.as_tensor(S)}
         for bb, (i, v) in nn.items():
             tens[f"nn_idx.{bb}"] = torch.as_tensor(i)
             tens[f"nn_val.{bb}"] = torch.as_tensor(v)
-        return tens, {"names": names, "notes": notes}
+        return tens, {"names": names, "notes": notes, "verify": vinfo}
 
     ctens, cmeta, hit = cache.get_or_compute("candidates", ckey, compute_candidates)
     S = ctens["scores"].numpy().astype(np.float64)
@@ -850,15 +937,22 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
     from ganprint.datacopy import dataset_verdicts
 
     bb0 = _feature_space_of(sel, names)
-    dkey = _digest({"emb": emb_key[bb0], "seed": opts.seed, "bootstrap": opts.bootstrap, "bb": bb0})
+    if bb0 not in realset.emb:  # a local-feature candidate: its shortlist's global space
+        bb0 = opts.global_backbones()[-1]
+    dkey = _digest({"emb": emb_key[bb0], "seed": opts.seed, "bootstrap": opts.bootstrap, "bb": bb0,
+                    "local": None if kind is None else emb_key[kind]})
 
     def compute_datacopy():
-        mem = (tab["role"] == "members").to_numpy()
-        x = realset.emb[bb0]
         import torch
 
-        res = dataset_verdicts(x[torch.as_tensor(np.flatnonzero(mem))], x[torch.as_tensor(nonmem)],
-                               gens[bb0]["generated"], seed=opts.seed, bootstrap=opts.bootstrap)
+        mem = torch.as_tensor(np.flatnonzero((tab["role"] == "members").to_numpy()))
+        x = realset.emb[bb0]
+        gen = gens[bb0]["generated"]
+        vin = hin = None
+        if kind is not None:
+            vin, hin = _verified_nn_inliers(embs, kind, tab, x, gen, mem, torch.as_tensor(nonmem))
+        res = dataset_verdicts(x[mem], x[torch.as_tensor(nonmem)], gen, seed=opts.seed, bootstrap=opts.bootstrap,
+                               verified_inliers=vin, heldout_inliers=hin)
         res["feature_space"] = bb0
         return {}, res
 
@@ -887,6 +981,10 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
     chosen_bb = _feature_space_of(sel, names)
     nn_idx = ctens.get(f"nn_idx.{chosen_bb}")
     nn_val = ctens.get(f"nn_val.{chosen_bb}")
+    if nn_idx is None:
+        chosen_bb = opts.global_backbones()[-1]
+        nn_idx, nn_val = ctens[f"nn_idx.{chosen_bb}"], ctens[f"nn_val.{chosen_bb}"]
+    first_global = opts.global_backbones()[0]
     report: dict[str, Any] = {
         "format": AUDIT_FORMAT,
         "layout": inputs.layout,
@@ -903,8 +1001,10 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
         "provenance": {
             "versions": _versions(), "command": command, "seed": opts.seed,
             "backbones": {bb: {k: embs[bb]["generated"].provenance.get(k)
-                               for k in ("backbone", "timm_name", "weights", "weights_digest", "preprocess")}
-                          for bb in opts.backbones},
+                               for k in ("backbone", "timm_name", "weights", "weights_digest", "preprocess", "local")
+                               if embs[bb]["generated"].provenance.get(k) is not None}
+                          for bb in embs},
+            "verification": cmeta.get("verify") or None,
             "inputs_hash": {bb: {r: o.provenance.get("inputs_hash") for r, o in roles.items()}
                             for bb, roles in embs.items()},
         },
@@ -912,12 +1012,12 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
     report["verdict"], report["significant"] = verdict_sentence(report)
     from ganprint.report import build_gallery, render_run
 
-    gen_paths = {role: [str(p) for p in _load_embeddings(embs[chosen_bb][role])[1]["path"]]
-                 for role in ("generated", "test_generated") if role in embs[chosen_bb]}
+    gen_paths = {role: [str(p) for p in _load_embeddings(embs[first_global][role])[1]["path"]]
+                 for role in ("generated", "test_generated") if role in embs[first_global]}
     report["gallery"] = build_gallery(run.path / "figures" / "gallery", scores_df, tab, gen_paths,
-                                      None if nn_idx is None else nn_idx.numpy(),
-                                      None if nn_val is None else nn_val.numpy(), n=opts.gallery,
-                                      target_role=target_role)
+                                      nn_idx.numpy(), nn_val.numpy(), n=opts.gallery, target_role=target_role,
+                                      verify_kind=opts.local_kind(),
+                                      value_name="inliers" if _is_local(chosen_bb) else "cosine")
     _write_scores(run.path / "scores.parquet", scores_df, report)
     st.done()
     report["stages_seconds"] = {k: round(v, 3) for k, v in st.seconds.items()}

@@ -10,7 +10,8 @@
   (one-sided, copying). A bootstrap over P and Q gives a CI for C_T.
 - :func:`memorisation_rate` — the share of generated images whose nearest training image is a
   copy, with a Wilson CI. A *copy* is a verified match when local-feature verification exists
-  (inliers >= a threshold), otherwise a generated image closer to its nearest training image than
+  (more RANSAC inliers than 99% of held-out real images get against the training set, and at
+  least 10), otherwise a generated image closer to its nearest training image than
   ``quantile`` (default 1%) of held-out real images are to theirs: fresh samples from the
   training distribution give a rate near ``quantile``, which is reported beside it.
 
@@ -135,20 +136,27 @@ def wilson_ci(k: int, n: int, ci: float = 0.95) -> list[float] | None:
 
 
 def memorisation_rate(train, heldout, generated, *, quantile: float = 0.01, verified_inliers=None,
-                      min_inliers: int = 20) -> dict[str, Any]:
+                      heldout_inliers=None, min_inliers: int = 10) -> dict[str, Any]:
     """Share of generated images whose nearest training image is a copy (see the module docstring).
 
-    ``verified_inliers`` int [g]: the verified inlier count of each generated image's best training
-    match, when verification ran; a copy then means >= ``min_inliers``."""
+    ``verified_inliers`` int [g]: each generated image's most RANSAC inliers against a training
+    image, when verification ran; a copy then means more inliers than ``1 - quantile`` of the
+    held-out real images get against the training set (``heldout_inliers`` [n]) and at least
+    ``min_inliers``. Without verification: the global-distance rule of the module docstring."""
     import numpy as np
 
-    Q = _unit(generated)
     if verified_inliers is not None:
-        inl = np.asarray(verified_inliers)
-        copies = inl >= min_inliers
-        rule = f"verified match with >= {min_inliers} RANSAC inliers"
+        inl = np.asarray(verified_inliers, dtype=np.float64)
+        cut = float(min_inliers)
         null = None
+        if heldout_inliers is not None and len(heldout_inliers):
+            cut = max(cut, float(np.quantile(np.asarray(heldout_inliers, dtype=np.float64), 1 - quantile)))
+            null = quantile
+        copies = inl > cut if null is not None else inl >= cut
+        rule = (f"verified match with {'more than' if null is not None else 'at least'} {cut:g} RANSAC inliers"
+                + (f" (more than {1 - quantile:.0%} of held-out real images get)" if null is not None else ""))
     else:
+        Q = _unit(generated)
         T, P = _unit(train), _unit(heldout)
         lp, lq = nn_distance(P, T), nn_distance(Q, T)
         cut = float(np.quantile(lp, quantile))
@@ -158,11 +166,12 @@ def memorisation_rate(train, heldout, generated, *, quantile: float = 0.01, veri
         null = quantile
     k, n = int(copies.sum()), int(len(copies))
     return {"rate": k / n if n else 0.0, "ci": wilson_ci(k, n), "copies": k, "n_generated": n, "rule": rule,
-            "rate_under_null": null}
+            "rate_under_null": null, "verified": verified_inliers is not None}
 
 
 def dataset_verdicts(train, heldout, generated, *, seed: int = 0, bootstrap: int = 200,
-                     verified_inliers=None) -> dict[str, Any]:
+                     verified_inliers=None, heldout_inliers=None) -> dict[str, Any]:
     """``{"ct": data_copying_test(...), "memorisation": memorisation_rate(...)}``."""
     return {"ct": data_copying_test(train, heldout, generated, seed=seed, bootstrap=min(bootstrap, 500)),
-            "memorisation": memorisation_rate(train, heldout, generated, verified_inliers=verified_inliers)}
+            "memorisation": memorisation_rate(train, heldout, generated, verified_inliers=verified_inliers,
+                                              heldout_inliers=heldout_inliers)}

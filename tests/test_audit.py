@@ -102,7 +102,7 @@ def test_run_audit_library_and_cache(tmp_path):
     assert set(rep["stages_seconds"]) >= {"inputs", "embed", "similarity+attacks", "selection", "pvalues",
                                           "datacopy", "report"}
     assert not any(rep["stages_cached"].values())
-    assert rep["gallery"] and rep["gallery"][0]["matches"][0]["similarity"] > 0.9  # a copy of the real image
+    assert rep["gallery"] and rep["gallery"][0]["matches"][0]["value"] > 0.9  # a copy of the real image
     assert not (tmp_path / ".run.partial").exists()
     again = run_audit(tmp_path / "run", inp(), opts, progress=False)
     assert all(again.report["stages_cached"].values())

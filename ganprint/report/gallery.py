@@ -24,14 +24,28 @@ def _thumb(path: str, size: int = THUMB):
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
-def _warp(img, transform):
-    """Apply a 2x3 affine (in thumbnail pixels) to img [H, W]."""
+def _align(gen, transform, frame: int):
+    """The generated thumbnail [T, T] resampled into the real image's frame.
+
+    ``transform`` [2, 3] maps real-image pixels to generated-image pixels in a ``frame``-px square
+    (ganprint.verify's convention); at thumbnail scale only its shift changes."""
     import cv2
     import numpy as np
 
-    m = np.asarray(transform, dtype=np.float64).reshape(2, 3)
-    return cv2.warpAffine(img, m, (img.shape[1], img.shape[0]), flags=cv2.INTER_LINEAR,
+    m = np.asarray(transform, dtype=np.float64).reshape(2, 3).copy()
+    m[:, 2] *= gen.shape[0] / float(frame)
+    return cv2.warpAffine(gen, m, (gen.shape[1], gen.shape[0]), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_REPLICATE)
+
+
+def _verify(real_path: str, gen_path: str, kind: str):
+    """(inliers, transform [2, 3] or None, frame px) of the pair by ganprint.verify."""
+    from ganprint.data import load_image
+    from ganprint.local_features import DEFAULT_SIZE
+    from ganprint.verify import verify_images
+
+    m = verify_images(load_image(real_path), load_image(gen_path), kind=kind)
+    return m.inliers, m.transform, DEFAULT_SIZE
 
 
 def _save_png(arr, path: Path) -> str:
@@ -46,13 +60,14 @@ def _save_png(arr, path: Path) -> str:
 
 
 def build_gallery(folder: Path, scores_df, real_table, gen_paths: dict[str, list[str]], nn_idx, nn_val, *,
-                  n: int = 12, target_role: str = "unknown", matches: int = 3, transforms=None,
-                  inliers=None) -> list[dict[str, Any]]:
+                  n: int = 12, target_role: str = "unknown", matches: int = 3, verify_kind: str | None = None,
+                  value_name: str = "similarity") -> list[dict[str, Any]]:
     """Write the gallery's PNGs into ``folder`` and return one card dict per real image.
 
     ``nn_idx`` int [R, >=3] / ``nn_val`` [R, >=3]: nearest generated images (index into the
-    generated set of the row's split) and their similarity; ``transforms`` float [R, 3, 2, 3]
-    and ``inliers`` int [R, 3] from verification, or None."""
+    generated set of the row's split) and their similarity (``value_name``); with
+    ``verify_kind`` (sift / orb) each shown pair is verified (ganprint.verify): its inlier count
+    and recovered transform are shown and the difference is taken after alignment."""
     import numpy as np
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,14 +91,15 @@ def build_gallery(folder: Path, scores_df, real_table, gen_paths: dict[str, list
             if g < 0:
                 continue
             gen = _thumb(gens[g])
-            tr = None if transforms is None else np.asarray(transforms[i, j])
-            aligned = gen if tr is None or not np.isfinite(tr).all() else _warp(gen, tr)
+            inl, tr, frame = (None, None, None) if verify_kind is None else _verify(real_table["path"][i], gens[g],
+                                                                                    verify_kind)
+            ok = tr is not None and np.isfinite(np.asarray(tr, dtype=np.float64)).all()
+            aligned = _align(gen, tr, frame) if ok else gen
             diff = np.abs(real - aligned)
             card["matches"].append({
-                "generated": Path(gens[g]).stem, "similarity": float(nn_val[i, j]),
-                "inliers": None if inliers is None else int(inliers[i, j]),
-                "transform": None if tr is None else [float(v) for v in tr.reshape(-1)],
-                "aligned": tr is not None,
+                "generated": Path(gens[g]).stem, "value": float(nn_val[i, j]), "value_name": value_name,
+                "inliers": inl, "transform": [float(v) for v in np.asarray(tr).reshape(-1)] if ok else None,
+                "frame": frame, "aligned": ok,
                 "img": _save_png(gen, folder / f"{rank:03d}_g{j}.png"),
                 "diff": _save_png(1.0 - np.clip(diff * 2.0, 0, 1), folder / f"{rank:03d}_d{j}.png"),
             })

@@ -60,14 +60,16 @@ def _img(path: Path, alt: str, cls: str = "") -> str:
     return f'<img{c} alt="{_e(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _transform_text(t) -> str:
-    """2x3 affine -> 'rotation 4.1°, scale 1.00, shift (3.2, -1.0) px'."""
+def _transform_text(m: dict) -> str:
+    """The recovered transform (real -> generated pixels) as 'rotation +4.1°, scale 1.00, shift (+3.2, -1.0) px'."""
+    t = m.get("transform")
     if not t:
-        return "no verified transform (unaligned difference)"
+        return "no verified transform (unaligned difference)" if m.get("inliers") is not None else \
+            "no verification available (unaligned difference)"
     a, b, tx, c, d, ty = t
-    ang = math.degrees(math.atan2(c, a))
+    ang = math.degrees(math.atan2(-c, a))  # ganprint.verify's convention (cv2.getRotationMatrix2D)
     sc = math.hypot(a, c)
-    return f"rotation {ang:+.1f}°, scale {sc:.2f}, shift ({tx:+.1f}, {ty:+.1f}) px"
+    return f"recovered: rotation {ang:+.1f}°, scale {sc:.2f}, shift ({tx:+.1f}, {ty:+.1f}) px of {m.get('frame')} px"
 
 
 def draw_figures(run: Path, report: dict[str, Any]) -> dict[str, str]:
@@ -108,8 +110,8 @@ def _gallery_html(run: Path, cards: list[dict]) -> str:
             cells.append(
                 f'<div class="match"><div class="pair">{_img(g / m["img"], "generated " + m["generated"], "gallery")}'
                 f'{_img(g / m["diff"], "difference " + m["generated"], "gallery")}</div>'
-                f'<span>{_e(m["generated"])}: sim {_f(m["similarity"])}, inliers {inl}</span>'
-                f'<span class="muted">{_e(_transform_text(m.get("transform")))}</span></div>')
+                f'<span>{_e(m["generated"])}: {_e(m.get("value_name", "sim"))} {_f(m.get("value", m.get("similarity")))}, '
+                f'inliers {inl}</span><span class="muted">{_e(_transform_text(m))}</span></div>')
         out.append(f'<div class="card">{head}{"".join(cells)}</div>')
     return "\n".join(out)
 
