@@ -365,10 +365,29 @@ class RealSet:
     emb: dict[str, Any] = field(default_factory=dict)  # backbone -> float32 [R, D]
 
 
-def _embed_all(inp: AuditInputs, opts: AuditOptions, run: RunDir, progress: bool):
-    """{backbone: {role: EmbedOutcome}} (run_embed caches each by its own key)."""
-    from ganprint.embed import run_embed
+@dataclass
+class _Reused:
+    """An embeddings artifact reused without loading its model (see :func:`_embed_all`)."""
 
+    base: Path
+    provenance: dict
+    reused: bool = True
+
+
+def _embed_all(inp: AuditInputs, opts: AuditOptions, run: RunDir, progress: bool):
+    """{backbone: {role: EmbedOutcome}}. run_embed caches each artifact by its own key, but checks
+    it only after loading the model; a rerun first compares the inputs' digest and the options with
+    what ``cache/emb/index.json`` recorded for the artifact, and skips run_embed when all agree."""
+    from ganprint.artifacts import read_provenance
+    from ganprint.embed import hash_records, inputs_digest, run_embed
+
+    index_path = run.cache / "emb" / "index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    digests = {role: inputs_digest(recs, hash_records(recs)) for role, recs in inp.records.items()}
+    sig = {"weights": opts.weights, "versions": _versions()}
     out: dict[str, dict[str, Any]] = {}
     kinds = list(opts.global_backbones()) + ([opts.local_kind()] if opts.local_kind() else [])
     for bb in kinds:
@@ -376,9 +395,23 @@ def _embed_all(inp: AuditInputs, opts: AuditOptions, run: RunDir, progress: bool
         folder.mkdir(parents=True, exist_ok=True)
         out[bb] = {}
         for role, path in inp.folders().items():
-            out[bb][role] = run_embed([str(path)], folder / role, backbone=bb, weights=opts.weights,
-                                      device=opts.device, batch_size=opts.batch_size, workers=opts.workers,
-                                      progress=progress)
+            key = f"{bb}/{role}"
+            rec = index.get(key)
+            if rec and rec.get("inputs") == digests[role] and rec.get("sig") == sig:
+                try:
+                    prov = read_provenance(folder / role)
+                except GanprintError:
+                    prov = {}
+                if prov.get("cache_key") == rec.get("cache_key"):
+                    out[bb][role] = _Reused(folder / role, prov)
+                    continue
+            o = run_embed([str(path)], folder / role, backbone=bb, weights=None if _is_local(bb) else opts.weights,
+                          device=opts.device, batch_size=opts.batch_size, workers=opts.workers, progress=progress)
+            out[bb][role] = o
+            index[key] = {"inputs": digests[role], "sig": sig, "cache_key": o.provenance.get("cache_key")}
+    tmp = index_path.with_name(".index.json.tmp")
+    tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
+    os.replace(tmp, index_path)
     return out
 
 
@@ -876,7 +909,8 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
     emb_key = _emb_key(embs)
 
     st.start("similarity+attacks", "every attack on every feature space (candidates)")
-    ckey = _digest({"f": AUDIT_FORMAT, "emb": emb_key, "k": opts.k, "seed": opts.seed, "verify_k": opts.verify_k, "two_generators": inputs.test_generated is not None})
+    ckey = _digest({"f": AUDIT_FORMAT, "emb": emb_key, "k": opts.k, "seed": opts.seed, "verify_k": opts.verify_k,
+                    "two_generators": inputs.test_generated is not None})
 
     def compute_candidates():
         import torch
@@ -893,13 +927,14 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
     names = cmeta["names"]
     st.done(cached=hit, note=f"{len(names)} candidates")
 
-    st.start("selection", f"{opts.repeats}x{opts.folds}-fold CV ranking, nested {max(1, opts.repeats // 2)}x{opts.folds}-fold estimate")
+    st.start("selection", f"{opts.repeats}x{opts.folds}-fold CV ranking, nested "
+                          f"{max(1, opts.repeats // 2)}x{opts.folds}-fold estimate")
     lab = tab["label"].notna().to_numpy()
     y = tab["label"].to_numpy(dtype="float64", na_value=np.nan)[lab].astype(np.int64)
     import importlib.util
 
-    skey = _digest({"c": ckey, "select": importlib.util.find_spec("ganprint.select") is not None, "folds": opts.folds, "repeats": opts.repeats, "seed": opts.seed,
-                    "bootstrap": opts.bootstrap})
+    skey = _digest({"c": ckey, "select": importlib.util.find_spec("ganprint.select") is not None,
+                    "folds": opts.folds, "repeats": opts.repeats, "seed": opts.seed, "bootstrap": opts.bootstrap})
 
     def compute_selection():
         import torch
@@ -995,7 +1030,10 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
         "candidate_notes": cmeta.get("notes", []),
         "decision": {"rule": opts.decision, "threshold": thr, "labelled_kappa_in_sample": dev_kappa},
         "flags": {"q": opts.fdr, "set": target_role, "n_tested": int(target.sum()), "n_flagged": int(flags.sum()),
-                  "method": "conformal p-values vs known non-members, Benjamini-Hochberg (scipy)"},
+                  "method": "conformal p-values vs known non-members, Benjamini-Hochberg (scipy)",
+                  "note": None if inputs.test_generated is None else (
+                      "the unknown images are scored against test/generated, the known non-members against "
+                      "dev/generated: their p-values assume both generated sets come from the same generator")},
         "datacopy": dcopy,
         "submission": None if submission is None else "submission.csv",
         "provenance": {

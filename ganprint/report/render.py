@@ -166,7 +166,7 @@ def render_html(run: Path, report: dict[str, Any]) -> str:
 <p id="verdict" class="verdict {verdict_cls}">{_e(report['verdict'])}</p>
 <p>Chosen procedure: <b>{_e(sel['chosen'])}</b> ({_e(sel.get('method', ''))}); nested {nested.get('repeats')}×{nested.get('folds')}-fold CV over
 {nested.get('n')} labelled images: AUC {_f(nested.get('auc'))}{_ci(nested.get('auc_ci'))}, κ {_f(nested.get('kappa'))}{_ci(nested.get('kappa_ci'))},
-TPR@1%FPR {_f(nested.get('tpr_at_1fpr'))}. Flags: {_e(fl['method'])}, FDR {fl['q']:g}: {fl['n_flagged']} of {fl['n_tested']} {_e(fl['set'])} images.
+TPR@1%FPR {_f(nested.get('tpr_at_1fpr'))}. Flags: {_e(fl['method'])}, FDR {fl['q']:g}: {fl['n_flagged']} of {fl['n_tested']} {_e(fl['set'])} images{'; ' + _e(fl['note']) if fl.get('note') else ''}.
 {'Submission: <code>submission.csv</code> (' + _e(report['decision']['rule']) + ' rule).' if report.get('submission') else ''}</p>
 <h2>Dataset-level verdicts</h2>
 <p id="datacopy">{ct_sentence}<br>{mem_sentence}</p>
