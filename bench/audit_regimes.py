@@ -72,13 +72,15 @@ def main(argv=None) -> int:
                 if match is None:
                     continue
                 hits += 1
-                if match.get("transform"):
+                if match.get("transform") or match.get("alignment"):
                     with_tr += 1
-                    aa, _, _, cc, _, _ = match["transform"]
-                    rot.append((round(math.degrees(math.atan2(-cc, aa)), 1),
-                                round(float(mine[match["generated"]]["rotation_deg"]), 1)))
+                    ang = []
+                    for t in (match.get("transform"), (match.get("alignment") or {}).get("warp")):
+                        ang.append(None if not t else round(math.degrees(math.atan2(-t[3], t[0])), 1))
+                    rot.append({"verified": ang[0], "aligned": ang[1],
+                                "true": round(float(mine[match["generated"]]["rotation_deg"]), 1)})
             row.update({"top_cards": len(top), "top_cards_replica": hits, "top_cards_with_transform": with_tr,
-                        "rotation_recovered_vs_true": rot,
+                        "rotation_deg": rot,
                         "test_members_with_replica": sum(1 for i, v in truth.items() if v == 1 and i in by_src)})
         rows.append(row)
         print(json.dumps(row, indent=1, default=float))

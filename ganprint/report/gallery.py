@@ -38,6 +38,38 @@ def _align(gen, transform, frame: int):
                           borderMode=cv2.BORDER_REPLICATE)
 
 
+def _ecc(real, gen, init):
+    """(correlation, warp [2, 3]) of cv2.findTransformECC (Euclidean: rotation + shift) of gen onto
+    real from ``init``; (-inf, init) when it does not converge."""
+    import cv2
+    import numpy as np
+
+    w = np.asarray(init, dtype=np.float32).reshape(2, 3).copy()
+    try:
+        cc, w = cv2.findTransformECC(real.astype(np.float32), gen.astype(np.float32), w, cv2.MOTION_EUCLIDEAN,
+                                     (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 60, 1e-5), None, 5)
+    except cv2.error:
+        return -np.inf, np.asarray(init, dtype=np.float64).reshape(2, 3)
+    return float(cc), w.astype(np.float64)
+
+
+def best_alignment(real, gen, verified=None, frame: int | None = None):
+    """The transform [2, 3] (thumbnail pixels, real -> generated) that best aligns ``gen`` onto
+    ``real`` [T, T]: intensity-based ECC refinement started from the identity and from the
+    verified transform (converted to thumbnail scale), whichever correlates better; plus where
+    it started. Verification on symmetric anatomy can lock onto a wrong but consistent fit, and
+    ECC alone can miss large shifts; trying both keeps the better one."""
+    import numpy as np
+
+    starts = [("identity", np.eye(2, 3))]
+    if verified is not None and np.isfinite(np.asarray(verified, dtype=np.float64)).all():
+        v = np.asarray(verified, dtype=np.float64).reshape(2, 3).copy()
+        v[:, 2] *= real.shape[0] / float(frame)
+        starts.append(("verified", v))
+    best = max(((*_ecc(real, gen, w), name) for name, w in starts), key=lambda t: t[0])
+    return best[1], best[2], best[0]
+
+
 def _verify(real_path: str, gen_path: str, kind: str):
     """(inliers, transform [2, 3] or None, frame px) of the pair by ganprint.verify."""
     from ganprint.data import load_image
@@ -94,12 +126,16 @@ def build_gallery(folder: Path, scores_df, real_table, gen_paths: dict[str, list
             inl, tr, frame = (None, None, None) if verify_kind is None else _verify(real_table["path"][i], gens[g],
                                                                                     verify_kind)
             ok = tr is not None and np.isfinite(np.asarray(tr, dtype=np.float64)).all()
-            aligned = _align(gen, tr, frame) if ok else gen
+            warp, start, cc = best_alignment(real, gen, tr if ok else None, frame) if verify_kind else (None, None, None)
+            aligned = _align(gen, warp, real.shape[0]) if warp is not None else gen
             diff = np.abs(real - aligned)
             card["matches"].append({
                 "generated": Path(gens[g]).stem, "value": float(nn_val[i, j]), "value_name": value_name,
                 "inliers": inl, "transform": [float(v) for v in np.asarray(tr).reshape(-1)] if ok else None,
-                "frame": frame, "aligned": ok,
+                "frame": frame, "aligned": warp is not None,
+                "alignment": None if warp is None else {"warp": [float(v) for v in warp.reshape(-1)], "from": start,
+                                                        "ecc": cc if np.isfinite(cc) else None,
+                                                        "frame": int(real.shape[0])},
                 "img": _save_png(gen, folder / f"{rank:03d}_g{j}.png"),
                 "diff": _save_png(1.0 - np.clip(diff * 2.0, 0, 1), folder / f"{rank:03d}_d{j}.png"),
             })

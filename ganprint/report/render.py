@@ -60,16 +60,30 @@ def _img(path: Path, alt: str, cls: str = "") -> str:
     return f'<img{c} alt="{_e(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _transform_text(m: dict) -> str:
-    """The recovered transform (real -> generated pixels) as 'rotation +4.1°, scale 1.00, shift (+3.2, -1.0) px'."""
-    t = m.get("transform")
-    if not t:
-        return "no verified transform (unaligned difference)" if m.get("inliers") is not None else \
-            "no verification available (unaligned difference)"
+def _angle_scale(t):
     a, b, tx, c, d, ty = t
-    ang = math.degrees(math.atan2(-c, a))  # ganprint.verify's convention (cv2.getRotationMatrix2D)
-    sc = math.hypot(a, c)
-    return f"recovered: rotation {ang:+.1f}°, scale {sc:.2f}, shift ({tx:+.1f}, {ty:+.1f}) px of {m.get('frame')} px"
+    return math.degrees(math.atan2(-c, a)), math.hypot(a, c), tx, ty  # ganprint.verify's angle convention
+
+
+def _transform_text(m: dict) -> str:
+    """The recovered transform (real -> generated pixels) and the alignment used for the difference."""
+    parts = []
+    t = m.get("transform")
+    if m.get("inliers") is None:
+        return "no verification available (unaligned difference)"
+    if t:
+        ang, sc, tx, ty = _angle_scale(t)
+        parts.append(f"verified fit: rotation {ang:+.1f}°, scale {sc:.2f}, shift ({tx:+.1f}, {ty:+.1f}) px of "
+                     f"{m.get('frame')} px")
+    else:
+        parts.append("no verified fit")
+    al = m.get("alignment")
+    if al:
+        ang, _, tx, ty = _angle_scale(al["warp"])
+        f = float(al.get("frame") or 128)
+        parts.append(f"aligned (ECC from {al['from']}): rotation {ang:+.1f}°, shift "
+                     f"({100 * tx / f:+.1f}%, {100 * ty / f:+.1f}%)")
+    return "; ".join(parts)
 
 
 def draw_figures(run: Path, report: dict[str, Any]) -> dict[str, str]:

@@ -45,9 +45,12 @@ def test_gallery_recovers_the_transform_and_aligns(tmp_path):
     a, b, tx, c, d, ty = m["transform"]
     assert abs(math.degrees(math.atan2(-c, a)) - 6.0) < 1.0  # the rotation that made the copy
     assert abs(math.hypot(a, c) - 1.0) < 0.03
-    assert "rotation +6." in _transform_text(m) or "rotation +5.9" in _transform_text(m)
+    assert "verified fit: rotation +6." in _transform_text(m) or "rotation +5.9" in _transform_text(m)
+    al = m["alignment"]
+    a2, _, _, c2, _, _ = al["warp"]
+    assert abs(math.degrees(math.atan2(-c2, a2)) - 6.0) < 1.0 and al["ecc"] > 0.9
     real, gen = _thumb(str(rp)), _thumb(str(gp))
-    aligned = _align(gen, np.array(m["transform"]).reshape(2, 3), m["frame"])
+    aligned = _align(gen, np.array(al["warp"]).reshape(2, 3), al["frame"])
     inner = (slice(20, -20), slice(20, -20))  # away from the border the warp had to invent
     assert np.abs(real - aligned)[inner].mean() < 0.4 * np.abs(real - gen)[inner].mean()
     assert (tmp_path / "g" / m["diff"]).is_file() and (tmp_path / "g" / cards[0]["real"]).is_file()
