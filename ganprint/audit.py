@@ -856,19 +856,20 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def verdict_sentence(rep: dict[str, Any], alpha: float = 0.05) -> tuple[str, bool]:
+def verdict_sentence(rep: dict[str, Any], alpha: float = 0.01) -> tuple[str, bool]:
     """(one sentence with the numbers, significant?). Significant = the chosen procedure's pooled
-    out-of-fold scores separate the classes (one-sided Mann-Whitney p < alpha) *and* the nested-CV
-    AUC's CI lies above 0.5. Flags are reported, not used: under no signal BH may still flag an
-    image with probability up to the FDR level."""
+    out-of-fold scores rank members above non-members (one-sided Mann-Whitney p < alpha; each
+    fold's scores come from a procedure fitted without that fold, so under no signal the classes
+    are exchangeable). The nested-CV AUC and its CI are shown beside it. Flags are reported, not
+    used: under no signal BH may still flag an image with probability up to the FDR level."""
     sel = rep["selection"]["nested"]
     fl = rep["flags"]
     auc, ci, p = sel.get("auc"), sel.get("auc_ci"), sel.get("p_value")
     auc_txt = "AUC n/a" if auc is None else f"AUC {auc:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-    p_txt = "" if p is None else f", p = {p:.2g}"
+    p_txt = "" if p is None else f" (out-of-fold rank test p = {p:.2g})"
     what = "unknown" if fl["set"] == "unknown" else "member"
     flag_txt = f"{fl['n_flagged']} of {fl['n_tested']} {what} images flagged at FDR {fl['q'] * 100:g}%"
-    sig = bool(p is not None and p < alpha and (ci is None or ci[0] > 0.5))
+    sig = bool(p is not None and p < alpha)
     if sig:
         return f"membership signal: {auc_txt} by nested CV{p_txt}; {flag_txt}.", True
     return f"no significant membership signal: {auc_txt} by nested CV{p_txt}; {flag_txt}.", False
