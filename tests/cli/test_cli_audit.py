@@ -24,6 +24,8 @@ def test_audit_json_outputs_and_report_rerender(tmp_path):
     s = json.loads(res.stdout)
     assert s["verdict"].startswith("membership signal") and s["chosen"].startswith("pixels/")
     assert s["nested"]["auc"] > 0.8
+    rep = json.loads((run / "report.json").read_text())
+    assert any(c["name"].startswith("sift/") for c in rep["selection"]["candidates"])  # verification ran
     for name in ("submission.csv", "scores.parquet", "report.json", "report.html", "figures/roc.png",
                  "figures/scores.png", "figures/pvalues.png"):
         assert (run / name).is_file(), name
@@ -43,11 +45,14 @@ def test_audit_json_outputs_and_report_rerender(tmp_path):
 
 def test_null_generator_says_no_significant_signal(tmp_path):
     f = make_audit_folders(tmp_path / "d", copying=False, n_known=30, n_unknown=10, n_generated=40)
-    res = runner.invoke(app, audit_args(f, tmp_path / "run", "--json"))
+    res = runner.invoke(app, audit_args(f, tmp_path / "run", "--json", "--no-verify"))
     assert res.exit_code == 0, res.stderr
     s = json.loads(res.stdout)
     assert s["verdict"].startswith("no significant membership signal"), s["verdict"]
     assert s["flags"]["n_flagged"] == 0
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert not any(c["name"].startswith("sift/") for c in rep["selection"]["candidates"])
+    assert all(m["inliers"] is None for c in rep["gallery"] for m in c["matches"])
 
 
 def test_imageclef_root(tmp_path):
