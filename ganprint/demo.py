@@ -103,11 +103,13 @@ def _synth_once(root: Path, overrides: dict, progress: bool) -> None:
 
 
 def full_demo(out: Path, backbones=DEMO_BACKBONES, synth: dict | None = None, bootstrap: int = 500,
-              progress: bool = True, log=None, moe_steps: int | None = None) -> dict:
+              progress: bool = True, log=None, moe_steps: int | None = None, audit: bool = True) -> dict:
     """synth (small, memorize) -> embed with each backbone -> simmatrix -> every attack calibrated
-    on dev -> predict on test -> score; plus the seed's fixed cut, stacking and the MoE fusion.
+    on dev -> predict on test -> score; plus the seed's fixed cut, stacking and the MoE fusion;
+    then (``audit``) ``ganprint audit`` of the same benchmark, its test labels scored against the truth.
 
-    Returns ``{"rows": [...], "plot": path, "best": row}``; artifacts stay under ``out``."""
+    Returns ``{"rows": [...], "plot": path, "best": row, "audit": AuditResult | None,
+    "audit_test": metrics of the audit's test scores | None}``; artifacts stay under ``out``."""
     import json
 
     from ganprint import benchmark as B
@@ -117,23 +119,23 @@ def full_demo(out: Path, backbones=DEMO_BACKBONES, synth: dict | None = None, bo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     root, work = out / "data", out / "work"
-    say("1/5 synth: DCGAN trained on known members (memorize regime)")
+    say("1/6 synth: DCGAN trained on known members (memorize regime)")
     _synth_once(root, {**DEMO_SYNTH, **(synth or {})}, progress)
     truth = B.read_truth(root)
     sets, rows = [], []
     for bb in backbones:
-        say(f"2/5 embed + simmatrix: {bb}")
+        say(f"2/6 embed + simmatrix: {bb}")
         fs = B.add_similarity(B.embed_split(root, work, bb, bb, progress=progress), work)
         sets.append(fs)
-        say(f"3/5 attacks: {bb}")
+        say(f"3/6 attacks: {bb}")
         rows += B.attack_rows(fs, truth, seed_rule=(bb == backbones[0]), bootstrap=bootstrap,
                               scores_dir=work / "scores")
     if len(sets) >= 2:
-        say("4/5 fusion: stacking and mixture of experts")
+        say("4/6 fusion: stacking and mixture of experts")
         rows.append(B.stack_row(sets, truth, work, bootstrap=bootstrap))
         moe = B.add_similarity(B.moe_features(sets, work, steps=moe_steps), work)
         rows += B.attack_rows(moe, truth, ["max_sim", "gan_leaks_cal"], bootstrap=bootstrap)
-    say("5/5 score")
+    say("5/6 score")
     scored = [r for r in rows if r["auc"] is not None]
     best = max(scored, key=lambda r: r["auc"])
     plot = out / "best_roc.png"
@@ -141,4 +143,28 @@ def full_demo(out: Path, backbones=DEMO_BACKBONES, synth: dict | None = None, bo
     public = [B.public(r) for r in rows]
     (out / "results.json").write_text(json.dumps(public, indent=2, default=float))
     (out / "results.md").write_text(B.markdown_table(public) + "\n")
-    return {"rows": rows, "plot": plot, "best": best}
+    res = {"rows": rows, "plot": plot, "best": best, "audit": None, "audit_test": None}
+    if audit:
+        say("6/6 audit: `ganprint audit` of the same benchmark (selection, p-values, FDR, report)")
+        res["audit"], res["audit_test"] = _audit(root, out / "audit", backbones, truth, bootstrap, progress, log)
+    return res
+
+
+def _audit(root: Path, run: Path, backbones, truth: dict[str, int], bootstrap: int, progress: bool, log):
+    """ganprint audit of ``root``; its test scores and labels scored against the benchmark's truth."""
+    import numpy as np
+    import pandas as pd
+
+    from ganprint.audit import AuditOptions, resolve_inputs, run_audit
+    from ganprint.metrics import evaluate
+
+    res = run_audit(run, resolve_inputs(root), AuditOptions(backbones=tuple(backbones), bootstrap=bootstrap),
+                    progress=progress, log=log, command=f"ganprint audit {root} --out {run}")
+    df = pd.read_parquet(run / "scores.parquet")
+    unk = df[(df.role == "unknown") & df.image_id.isin(list(truth))]
+    y = np.array([truth[i] for i in unk.image_id])
+    m = evaluate(y, unk.label_pred.to_numpy(), unk.score.to_numpy(), bootstrap=bootstrap, seed=0)
+    flagged = unk.flag.to_numpy(dtype=bool)
+    m["flagged"] = int(flagged.sum())
+    m["flagged_members"] = int((flagged & (y == 1)).sum())
+    return res, m

@@ -26,6 +26,11 @@ def test_full_demo_tiny(tmp_path):
         assert -1.0 <= r["kappa"] <= 1.0
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert len(saved) == len(rows) and "_y" not in saved[0]
+    # the demo ends with an audit of the same benchmark
+    aud = res["audit"]
+    assert aud.html.is_file() and aud.report["verdict"] in aud.html.read_text()
+    assert aud.report["counts"]["unknown"] == 16 and (aud.run / "submission.csv").is_file()
+    assert 0.0 <= res["audit_test"]["auc"] <= 1.0
     png = res["plot"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     # a second run reuses the dataset and the embeddings (same inputs) and gives the same numbers

@@ -19,7 +19,8 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """synth -> embed (efficientnet_lite0, pixels) -> simmatrix -> every attack calibrated on dev
-    -> predict on test -> score; prints one table (κ, AUC, TPR@1%FPR) and leaves a plot."""
+    -> predict on test -> score; prints one table (κ, AUC, TPR@1%FPR) and leaves a plot; ends with
+    `ganprint audit` of the same benchmark and prints its report's path."""
     from rich.console import Console
     from rich.table import Table
 
@@ -50,6 +51,12 @@ def demo(
     b = res["best"]
     log(f"best AUC: {b['features']} / {b['attack']} = {b['auc']:.3f}; plot {res['plot']}; "
         f"tables {out / 'results.md'}; {time.perf_counter() - t0:.0f}s")
+    if res.get("audit") is not None:
+        a, m = res["audit"], res["audit_test"]
+        console.print(f"audit: {a.report['verdict']}")
+        console.print(f"audit on the test split vs truth: AUC {m['auc']:.3f}, κ {m['kappa'] or 0:.3f}; "
+                      f"{m['flagged']} flagged, {m['flagged_members']} of them members")
+        console.print(f"audit report: {a.html}")
 
 
 def register(app: typer.Typer) -> None:

@@ -32,6 +32,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "score",
     "info",
     "demo",
+    "audit",
+    "report",
 )
 
 
