@@ -653,12 +653,14 @@ def _candidates(realset: RealSet, gens: dict, inp: AuditInputs, opts: AuditOptio
             sub_real = real[torch.as_tensor(rows_)]
             tens = similarity_tensors(gen, sub_real, opts.k)
             if local is not None and bb == shortlist:
+                from ganprint.similarity import topk_search
                 from ganprint.verify import verify_for_similarity
 
                 gen_local = lookup([local[role]], _load_embeddings(embs[bb][role])[1], np.arange(len(gen)), "generated",
                                    str(embs[bb][role].base))
                 vin = VerifyInputs(gen_local, real_local.subset(rows_), None, [local[role]])
-                vt, vprov = verify_for_similarity(vin, gen_emb=gen, real_emb=sub_real, k=opts.verify_k)
+                vt, vprov = verify_for_similarity(vin, gen_emb=gen, real_emb=sub_real, k=opts.verify_k,
+                                                  search=topk_search)
                 tens.update({k: torch.as_tensor(np.asarray(v)) for k, v in vt.items()})
                 verify_info[role] = {k: vprov.get(k) for k in ("detector", "k", "ratio", "reproj", "pairs", "score",
                                                                "shortlist")}

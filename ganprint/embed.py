@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from ganprint.artifacts import (
@@ -25,10 +22,10 @@ from ganprint.artifacts import (
     digest_json,
     ensure_writable,
     read_provenance,
-    sha256_file,
     write_artifact,
 )
 from ganprint.data import ImageRecord, decode_image, discover
+from ganprint.embed_common import EmbedOutcome, hash_records, inputs_digest  # noqa: F401  (re-exported)
 from ganprint.errors import ArtifactError, BadImageError, GanprintError
 
 EMBED_FORMAT = 1  # bump when the embedding computation changes, to invalidate cached artifacts
@@ -76,29 +73,6 @@ def _worker_init(_: int) -> None:
 def default_workers() -> int:
     n = os.cpu_count() or 1
     return max(0, min(4, n - 1))
-
-
-def hash_records(records: list[ImageRecord]) -> list[str]:
-    """sha256 of each file's bytes (threads: hashing releases the GIL)."""
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        return list(pool.map(lambda r: sha256_file(r.path), records))
-
-
-def inputs_digest(records: list[ImageRecord], hashes: list[str]) -> str:
-    return digest_json([[r.relpath, r.subset, h] for r, h in zip(records, hashes)])
-
-
-@dataclass
-class EmbedOutcome:
-    base: Path
-    reused: bool
-    rows: int
-    dim: int
-    skipped: list[dict]
-    seconds: float
-    images_per_s: float
-    provenance: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
 
 
 def extract_features(

@@ -226,7 +226,7 @@ def run_local_embed(
         write_artifact,
     )
     from ganprint.data import discover
-    from ganprint.embed import EmbedOutcome, hash_records, inputs_digest
+    from ganprint.embed_common import EmbedOutcome, hash_records, inputs_digest
     from ganprint.errors import ArtifactError
 
     t0 = time.perf_counter()

@@ -797,7 +797,8 @@ def run_simmatrix(
         from ganprint.verify import verify_for_similarity
 
         vt, vprov = verify_for_similarity(vin, gen_emb=gen_emb, real_emb=real_emb, ref_emb=ref_emb,
-                                          ref_exclude=ref_exclude, metric=metric, k=verify_k, block=block, device=dev)
+                                          ref_exclude=ref_exclude, metric=metric, k=verify_k, block=block, device=dev,
+                                          search=topk_search)
         tensors.update(vt)
     tensors["gen_rows"] = torch.as_tensor(g_rows, dtype=torch.long)
     tensors["real_rows"] = torch.as_tensor(r_rows, dtype=torch.long)

@@ -421,24 +421,24 @@ def prepare_verification(verify_paths, *, gen_table, gen_rows, real_table, real_
 
 def verify_for_similarity(inputs: VerifyInputs, *, gen_emb, real_emb, ref_emb=None, ref_exclude=None,
                           metric: str = "cosine", k: int = DEFAULT_K, ratio: float = DEFAULT_RATIO,
-                          reproj: float = DEFAULT_REPROJ, block: int = 1024, device: Any = "cpu"):
+                          reproj: float = DEFAULT_REPROJ, block: int = 1024, device: Any = "cpu", search):
     """The ``verify_*`` tensors and provenance of a similarity artifact.
 
     Shortlists: the top-``k`` generated images of each real image in the *global* embeddings
     (``gen_emb`` [G, D], ``real_emb`` [R, D]; ``k`` <= 0 or >= G: all of them), and the top-``k``
     reference images (``ref_emb`` [M, D], ``ref_exclude`` [R] as in similarity; None: the other
     real images, self excluded).  Each is re-scored by :func:`verify_candidates`.
+    ``search``: the global top-k search (``ganprint.similarity.topk_search``), passed in by the caller
+    so that this module stays below the similarity stage.
     Returns (tensors, provenance dict)."""
     import torch
-
-    from ganprint.similarity import topk_search
 
     _check_params(ratio, reproj)
     lg, lr = inputs.gen, inputs.real
     G, R = len(lg), len(lr)
     kg = G if k <= 0 or k >= G else k
     if kg < G:
-        short, _, _ = topk_search(real_emb, gen_emb, kg, metric=metric, block=block, device=device)
+        short, _, _ = search(real_emb, gen_emb, kg, metric=metric, block=block, device=device)
         cand = short.indices.numpy()
     else:
         cand = np.tile(np.arange(G), (R, 1))
@@ -456,7 +456,7 @@ def verify_for_similarity(inputs: VerifyInputs, *, gen_emb, real_emb, ref_emb=No
     n_ex = 1 if excl is not None and bool((excl >= 0).any()) else 0
     kr = min(len(lref) - n_ex, kg if k > 0 else len(lref))
     if kr >= 1:
-        rs, _, _ = topk_search(real_emb, keys_emb, kr, metric=metric, block=block, device=device, exclude=excl)
+        rs, _, _ = search(real_emb, keys_emb, kr, metric=metric, block=block, device=device, exclude=excl)
         rcand = rs.indices.numpy()
         vr = verify_candidates(lr, lref, rcand, ratio=ratio, reproj=reproj)
         out["verify_realref_values"], out["verify_realref_indices"] = vr.values, vr.indices

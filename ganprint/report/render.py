@@ -90,7 +90,7 @@ def draw_figures(run: Path, report: dict[str, Any]) -> dict[str, str]:
     import numpy as np
     import pandas as pd
 
-    from ganprint.report import figures as F
+    import ganprint.report.figures as F
 
     df = pd.read_parquet(run / "scores.parquet")
     fig = run / "figures"
