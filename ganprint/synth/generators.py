@@ -63,7 +63,7 @@ def _dcgan_sample(res, gcfg, n, seed, device):
 
 
 def _dcgan_save(res, gcfg, path, extra):
-    from ganprint.synth import gan  # looked up at call time (tests replace it)
+    import ganprint.synth.gan as gan  # looked up at call time (tests replace it)
 
     gan.save_generator(res.generator, gcfg, path, extra=extra)
 
@@ -97,7 +97,7 @@ def _ddpm_sample(res, gcfg, n, seed, device):
 
 
 def _ddpm_save(res, gcfg, path, extra):
-    from ganprint.synth import ddpm
+    import ganprint.synth.ddpm as ddpm
 
     ddpm.save_ddpm(res.model, gcfg, path, extra=extra)
 
