@@ -25,6 +25,7 @@ from ganprint.artifacts import (
     digest_json,
     ensure_writable,
     read_provenance,
+    releases_output_claim,
     sha256_file,
     write_artifact,
 )
@@ -152,6 +153,7 @@ def extract_features(
     return out, kept, sizes, bad
 
 
+@releases_output_claim("out")
 def run_embed(
     inputs: list[str],
     out: str | os.PathLike,
