@@ -249,6 +249,31 @@ def release_output_lock(path: str | os.PathLike) -> None:
     _release(path)
 
 
+def releases_output_claim(*params: str):
+    """Decorate a stage whose outputs (the arguments named ``params``) it claims via
+    :func:`ensure_writable`: the claims end when the stage returns or raises, also when it
+    stopped before writing them (a library caller keeps no stale lock)."""
+    import functools
+    import inspect
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            bound = sig.bind_partial(*args, **kwargs).arguments
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                for name in params:
+                    if bound.get(name) is not None:
+                        release_output_lock(bound[name])
+
+        return wrapper
+
+    return deco
+
+
 def release_output_locks() -> None:
     """Drop every output lock this process holds (a stage that failed before it wrote)."""
     for key in list(_HELD):

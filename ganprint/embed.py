@@ -22,6 +22,7 @@ from ganprint.artifacts import (
     digest_json,
     ensure_writable,
     read_provenance,
+    releases_output_claim,
     write_artifact,
 )
 from ganprint.data import ImageRecord, decode_image, discover
@@ -126,6 +127,7 @@ def extract_features(
     return out, kept, sizes, bad
 
 
+@releases_output_claim("out")
 def run_embed(
     inputs: list[str],
     out: str | os.PathLike,

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ganprint.artifacts import releases_output_claim
 from ganprint.errors import ArtifactError, GanprintError
 
 RULES = ("threshold", "calibrate", "quantile", "balanced", "fdr")
@@ -452,6 +453,7 @@ class PredictOutcome:
         return int(self.prediction.labels.sum())
 
 
+@releases_output_claim("out")
 def run_predict(
     sim,
     out: str | os.PathLike,
@@ -471,23 +473,12 @@ def run_predict(
     """predict + write the scores artifact ``out`` and the submission CSV (default ``OUT.csv``).
 
     The CSV is validated before anything is written."""
-    from ganprint.artifacts import ensure_writable, release_output_lock
+    from ganprint.artifacts import artifact_base, artifact_paths, ensure_writable
+    from ganprint.submission import check_submission_path, stage_submission
 
     t0 = time.perf_counter()
     # every output checked (and the scores artifact claimed) before any work; then written all or nothing
     ensure_writable(out)
-    try:
-        return _run_predict(sim, out, attack, params, threshold, calibrate, quantile, balanced, fdr, config,
-                            submission, header, write_csv, t0)
-    finally:
-        release_output_lock(out)
-
-
-def _run_predict(sim, out, attack, params, threshold, calibrate, quantile, balanced, fdr, config, submission,
-                 header, write_csv, t0) -> PredictOutcome:
-    from ganprint.artifacts import artifact_base, artifact_paths
-    from ganprint.submission import check_submission_path, stage_submission
-
     csv_path = None
     if write_csv:
         csv_path = check_submission_path(Path(submission) if submission is not None

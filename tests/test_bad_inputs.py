@@ -292,3 +292,18 @@ def test_tiny_image_embeds_with_a_warning(tmp_path):
                                    "--image-size", "32", "--workers", "0", "-q"])
     assert res.exit_code == 0, res.stderr
     assert "1 image(s) are smaller than 8 px on a side" in res.stderr and "dot.png" in res.stderr
+
+
+def test_a_library_stage_that_fails_leaves_no_lock(tmp_path):
+    from ganprint.embed import run_embed
+    from ganprint.errors import BadImageError
+
+    folder = _images(tmp_path)
+    (folder / "notes.txt").write_text("x")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(BadImageError):
+        run_embed([str(folder)], out / "e", backbone="test_resnet", image_size=32, workers=0, progress=False)
+    assert list(out.iterdir()) == []
+    run_embed([str(folder / "img_0.png")], out / "e", backbone="test_resnet", image_size=32, workers=0, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["e.parquet", "e.safetensors"]

@@ -64,7 +64,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ganprint import __version__
-from ganprint.artifacts import Artifact, atomic_path, base_provenance, digest_json, ensure_writable, sha256_bytes, write_artifact
+from ganprint.artifacts import (Artifact, atomic_path, base_provenance, digest_json, ensure_writable,
+                                releases_output_claim, sha256_bytes, write_artifact)
 from ganprint.contrastive.loss import hybrid_contrastive_loss
 from ganprint.errors import ArtifactError, GanprintError
 from ganprint.fusion.common import by_expert, expert_identity, expert_record, read_experts, short
@@ -409,6 +410,7 @@ def _eval_loss(model: MoEFusion, feats, gen_rows, used_rows, neg_rows, order, si
     return total / max(1, count)
 
 
+@releases_output_claim("out_weights", "out")
 def train_moe(
     expert_artifacts: Sequence[str | os.PathLike],
     out_weights: str | os.PathLike,
@@ -624,6 +626,7 @@ def check_experts(meta: Mapping[str, Any], wpath: str | os.PathLike, arts: Seque
                 "and checkpoints")
 
 
+@releases_output_claim("out")
 def apply_moe(weights: str | os.PathLike, expert_artifacts: Sequence[str | os.PathLike],
               out: str | os.PathLike) -> MoEApplyResult:
     """Fuse other embeddings artifacts of the same experts (e.g. the test set) with trained weights.

@@ -36,7 +36,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ganprint.artifacts import Artifact, base_provenance, ensure_writable, read_artifact, write_artifact
+from ganprint.artifacts import (Artifact, base_provenance, ensure_writable, read_artifact, releases_output_claim,
+                                write_artifact)
 from ganprint.errors import ArtifactError, GanprintError
 
 RULES = ("prob", "kappa")
@@ -215,6 +216,7 @@ class StackResult:
         return d
 
 
+@releases_output_claim("out")
 def stack_scores(
     dev_paths: Sequence[str | os.PathLike],
     test_paths: Sequence[str | os.PathLike],
