@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +156,3 @@ def read_replicas(out: str | Path) -> list[dict]:
         for k in _FLOATS:
             r[k] = float(r[k])
     return rows
-
-
-def ranges_dict(ranges: ReplicaRanges) -> dict:
-    return asdict(ranges)
