@@ -881,9 +881,9 @@ def _versions() -> dict[str, str]:
 
 def verdict_sentence(rep: dict[str, Any], alpha: float = 0.01) -> tuple[str, bool]:
     """(one sentence with the numbers, significant?). Significant = the chosen procedure's pooled
-    out-of-fold scores rank members above non-members (one-sided Mann-Whitney p < alpha; each
-    fold's scores come from a procedure fitted without that fold, so under no signal the classes
-    are exchangeable). The nested-CV AUC and its CI are shown beside it. Flags are reported, not
+    out-of-fold scores rank members above non-members (one-sided Mann-Whitney p < alpha over
+    near-duplicate groups, see ``ganprint.groups``; each fold's scores come from a procedure fitted
+    without that fold's groups, so under no signal the classes are exchangeable). The nested-CV AUC and its CI are shown beside it. Flags are reported, not
     used: under no signal BH may still flag an image with probability up to the FDR level."""
     sel = rep["selection"]["nested"]
     fl = rep["flags"]

@@ -39,6 +39,10 @@ Public API:
 - ``nested_cv(X, y, names, config, splits=None) -> NestedEstimate``
 - ``CandidateScores`` + ``candidate_matrix``: named score vectors (dev / test / null) -> matrices.
 
+Every entry point takes ``groups`` (int [N], default None = every image alone): given, all CV
+splits (inner, outer, the cut of a combination) are StratifiedGroupKFold, so near-duplicate images
+of one patient are never on both sides of a split.
+
 Deterministic: same inputs + same ``seed`` -> same choice, fit and estimate.
 """
 
