@@ -734,24 +734,39 @@ def _ecdf_position(ref_sorted, s):
     return (lo + hi) / (2.0 * max(len(ref_sorted), 1))
 
 
-def _oof_pvalue(y, oof) -> float:
+def _oof_pvalue(y, oof, groups=None) -> float:
     """One-sided Mann-Whitney p-value of "members score higher" on pooled out-of-fold scores: each
-    fold's held-out scores come from a procedure fitted without them, so under no signal the two
-    classes' scores are exchangeable."""
+    fold's held-out scores come from a procedure fitted without them (folds keep groups whole), so
+    under no signal the two classes' scores are exchangeable.  With ``groups`` [n] the test is over
+    groups, not images: the unit is (group, label) with its mean out-of-fold score, because
+    near-duplicate slices of one patient are one piece of evidence, not several."""
     import numpy as np
+    import pandas as pd
     from scipy.stats import mannwhitneyu
 
-    y = np.asarray(y).astype(bool)
-    return float(mannwhitneyu(np.asarray(oof)[y], np.asarray(oof)[~y], alternative="greater").pvalue)
+    y = np.asarray(y).astype(np.int64)
+    oof = np.asarray(oof, dtype=np.float64)
+    if groups is not None:
+        unit = pd.DataFrame({"g": np.asarray(groups), "y": y, "s": oof}).groupby(["g", "y"], sort=True)["s"].mean()
+        y = unit.index.get_level_values("y").to_numpy()
+        oof = unit.to_numpy()
+    yb = y.astype(bool)
+    return float(mannwhitneyu(oof[yb], oof[~yb], alternative="greater").pvalue)
 
 
-def _select(S, lab, y, names, opts: AuditOptions):
-    res, score, ref, oof_s, oof_l = _select_impl(S, lab, y, names, opts)
-    res["nested"]["p_value"] = _oof_pvalue(y, oof_s)
+def _select(S, lab, y, names, opts: AuditOptions, groups=None):
+    """groups: int [n_lab] near-duplicate groups of the labelled images (None: every image alone)."""
+    res, score, ref, oof_s, oof_l = _select_impl(S, lab, y, names, opts, groups)
+    res["nested"]["p_value"] = _oof_pvalue(y, oof_s, groups)
+    if groups is not None:
+        import numpy as np
+
+        res["nested"]["n_groups"] = int(len(np.unique(groups)))
+        res["nested"]["p_value_unit"] = "near-duplicate group (mean out-of-fold score)"
     return res, score, ref, oof_s, oof_l
 
 
-def _select_impl(S, lab, y, names, opts: AuditOptions):
+def _select_impl(S, lab, y, names, opts: AuditOptions, groups=None):
     """Selection on the labelled images; ``ganprint.select`` when it exists, else :func:`select_fallback`.
 
     S float64 [C, R] (every real image), lab bool [R], y int [n_lab]. Returns (JSON-able dict,
@@ -776,7 +791,7 @@ def _select_impl(S, lab, y, names, opts: AuditOptions):
         oof_s, oof_l = res.pop("oof_score"), res.pop("oof_label")
         return res, S[ci].copy(), S[ci].copy(), oof_s, oof_l
 
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     from ganprint.metrics import evaluate
 
@@ -784,7 +799,7 @@ def _select_impl(S, lab, y, names, opts: AuditOptions):
     Xl = X[lab]
     cfg = SEL.SelectConfig(folds=opts.folds, repeats=opts.repeats, outer_folds=opts.folds,
                            outer_repeats=max(1, opts.repeats // 2), seed=opts.seed)
-    sel = SEL.select(Xl, y, names, cfg, nested=True)
+    sel = SEL.select(Xl, y, names, cfg, nested=True, groups=groups)
     score = sel.score(X)
     # pooled out-of-fold scores of the whole procedure (one outer repeat) for the ROC and TPR@1%FPR
     k = min(opts.folds, int(min(y.sum(), (1 - y).sum())))
@@ -793,15 +808,21 @@ def _select_impl(S, lab, y, names, opts: AuditOptions):
     ref = score.copy()
     fitted = sel.procedure.kind != "single"
     lab_rows = np.flatnonzero(lab)
-    for tr, te in StratifiedKFold(n_splits=k, shuffle=True, random_state=opts.seed + 1).split(Xl, y):
-        idx, _, _ = SEL.choose(Xl[tr], y[tr], names, cfg, with_kappa=False)
-        proc = SEL.fit_procedure(Xl[tr], y[tr], idx, names, cfg)
+    if groups is None:
+        outer = StratifiedKFold(n_splits=k, shuffle=True, random_state=opts.seed + 1).split(Xl, y)
+    else:
+        kg = min(opts.folds, *(len(np.unique(groups[y == c])) for c in (0, 1)))
+        outer = StratifiedGroupKFold(n_splits=kg, shuffle=True, random_state=opts.seed + 1).split(Xl, y, groups)
+    for tr, te in outer:
+        gtr = None if groups is None else groups[tr]
+        idx, _, _ = SEL.choose(Xl[tr], y[tr], names, cfg, with_kappa=False, groups=gtr)
+        proc = SEL.fit_procedure(Xl[tr], y[tr], idx, names, cfg, groups=gtr)
         s_te = proc.score(Xl[te])
         oof_s[te] = _ecdf_position(np.sort(proc.score(Xl[tr])[y[tr] == 0]), s_te)
         oof_l[te] = (s_te >= proc.threshold).astype(np.int64)
         if fitted:  # the chosen combination, refit without the fold
             ch = SEL.candidate_names(names, cfg).index(sel.chosen)
-            ref[lab_rows[te]] = SEL.fit_procedure(Xl[tr], y[tr], ch, names, cfg).score(Xl[te])
+            ref[lab_rows[te]] = SEL.fit_procedure(Xl[tr], y[tr], ch, names, cfg, groups=gtr).score(Xl[te])
     m = evaluate(y, oof_l, oof_s, bootstrap=opts.bootstrap, seed=opts.seed)
     d = sel.to_dict()
     ne = d["nested"]
@@ -860,9 +881,9 @@ def _versions() -> dict[str, str]:
 
 def verdict_sentence(rep: dict[str, Any], alpha: float = 0.01) -> tuple[str, bool]:
     """(one sentence with the numbers, significant?). Significant = the chosen procedure's pooled
-    out-of-fold scores rank members above non-members (one-sided Mann-Whitney p < alpha; each
-    fold's scores come from a procedure fitted without that fold, so under no signal the classes
-    are exchangeable). The nested-CV AUC and its CI are shown beside it. Flags are reported, not
+    out-of-fold scores rank members above non-members (one-sided Mann-Whitney p < alpha over
+    near-duplicate groups, see ``ganprint.groups``; each fold's scores come from a procedure fitted
+    without that fold's groups, so under no signal the classes are exchangeable). The nested-CV AUC and its CI are shown beside it. Flags are reported, not
     used: under no signal BH may still flag an image with probability up to the FDR level."""
     sel = rep["selection"]["nested"]
     fl = rep["flags"]
@@ -931,13 +952,19 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
     y = tab["label"].to_numpy(dtype="float64", na_value=np.nan)[lab].astype(np.int64)
     import importlib.util
 
+    from ganprint.groups import near_duplicate_groups
+
+    # neighbouring slices of one patient are near-duplicates: CV keeps them together and the
+    # verdict's rank test counts each group once (see ganprint.groups)
+    groups = near_duplicate_groups([realset.emb[b][np.flatnonzero(lab)].numpy() for b in opts.global_backbones()])
     skey = _digest({"c": ckey, "select": importlib.util.find_spec("ganprint.select") is not None,
-                    "folds": opts.folds, "repeats": opts.repeats, "seed": opts.seed, "bootstrap": opts.bootstrap})
+                    "folds": opts.folds, "repeats": opts.repeats, "seed": opts.seed, "bootstrap": opts.bootstrap,
+                    "groups": "near_duplicate_groups/v1"})
 
     def compute_selection():
         import torch
 
-        sel, score, ref, oof_s, oof_l = _select(S, lab, y, names, opts)
+        sel, score, ref, oof_s, oof_l = _select(S, lab, y, names, opts, groups)
         tens = {"oof_score": torch.as_tensor(np.asarray(oof_s, dtype=np.float64)),
                 "oof_label": torch.as_tensor(np.asarray(oof_l, dtype=np.int64)),
                 "score": torch.as_tensor(score), "ref": torch.as_tensor(ref)}

@@ -39,6 +39,10 @@ Public API:
 - ``nested_cv(X, y, names, config, splits=None) -> NestedEstimate``
 - ``CandidateScores`` + ``candidate_matrix``: named score vectors (dev / test / null) -> matrices.
 
+Every entry point takes ``groups`` (int [N], default None = every image alone): given, all CV
+splits (inner, outer, the cut of a combination) are StratifiedGroupKFold, so near-duplicate images
+of one patient are never on both sides of a split.
+
 Deterministic: same inputs + same ``seed`` -> same choice, fit and estimate.
 """
 
@@ -165,17 +169,44 @@ def _kappa(y, pred) -> float:
     return 0.0 if math.isnan(k) else k
 
 
-def _splitter(y, folds: int, repeats: int, seed: int):
-    """RepeatedStratifiedKFold with at most as many folds as the minority class has images."""
+class _RepeatedStratifiedGroupKFold:
+    """StratifiedGroupKFold repeated with shuffled seeds: a group (e.g. near-duplicate slices of
+    one patient) is never split between training and validation folds."""
+
+    def __init__(self, n_splits: int, n_repeats: int, random_state: int, groups):
+        self.cvargs = {"n_splits": n_splits}
+        self.n_repeats, self.random_state, self.groups = n_repeats, random_state, groups
+
+    def split(self, X, y):
+        import numpy as np
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        rng = np.random.RandomState(self.random_state)
+        for _ in range(self.n_repeats):
+            cv = StratifiedGroupKFold(n_splits=self.cvargs["n_splits"], shuffle=True,
+                                      random_state=int(rng.randint(2**31 - 1)))
+            yield from cv.split(X, y, self.groups)
+
+
+def _splitter(y, folds: int, repeats: int, seed: int, groups=None):
+    """RepeatedStratifiedKFold with at most as many folds as the minority class has images (groups:
+    int [N] or None; given, folds never split a group and the count is of groups per class)."""
     import numpy as np
     from sklearn.model_selection import RepeatedStratifiedKFold
 
-    minority = int(np.bincount(np.asarray(y, dtype=np.int64), minlength=2).min())
+    y = np.asarray(y, dtype=np.int64)
+    if groups is None:
+        minority = int(np.bincount(y, minlength=2).min())
+    else:
+        g = np.asarray(groups)
+        minority = min(len(np.unique(g[y == c])) for c in (0, 1))
     k = min(folds, minority)
     if k < 2:
         raise GanprintError(f"selection: needs at least 2 members and 2 non-members per split, got {minority} "
                             "in the smaller class; label more dev images")
-    return RepeatedStratifiedKFold(n_splits=k, n_repeats=repeats, random_state=seed)
+    if groups is None:
+        return RepeatedStratifiedKFold(n_splits=k, n_repeats=repeats, random_state=seed)
+    return _RepeatedStratifiedGroupKFold(k, repeats, seed, np.asarray(groups))
 
 
 def _corrected_ci(values, n_train: float, n_test: float, level: float = 0.95, bounds=(-1.0, 1.0)):
@@ -283,7 +314,7 @@ def candidate_names(names: Sequence[str], cfg: SelectConfig) -> list[str]:
     return list(names) + [n for _, n in _combos(len(names), cfg)]
 
 
-def _fit(index: int, X, y, names: Sequence[str], cfg: SelectConfig, *, cut: bool = True) -> Procedure:
+def _fit(index: int, X, y, names: Sequence[str], cfg: SelectConfig, *, cut: bool = True, groups=None) -> Procedure:
     """Fit candidate ``index`` (0..F-1 single columns, then the combinations) on (X, y)."""
     import numpy as np
 
@@ -298,7 +329,7 @@ def _fit(index: int, X, y, names: Sequence[str], cfg: SelectConfig, *, cut: bool
     if cut:
         # the cut of a fitted combination comes from out-of-fold scores, not from its own fit
         oof = np.zeros(len(y))
-        inner = _splitter(y, cfg.folds, 1, cfg.seed)
+        inner = _splitter(y, cfg.folds, 1, cfg.seed, groups)
         for tr, va in inner.split(X, y):
             part = _fit_combo(kind, X[tr], y[tr], cfg, name)
             oof[va] = part.score(X[va])
@@ -328,13 +359,13 @@ class CandidateCV:
         return asdict(self)
 
 
-def _cv_scores(X, y, names, cfg: SelectConfig, with_kappa: bool):
+def _cv_scores(X, y, names, cfg: SelectConfig, with_kappa: bool, groups=None):
     """AUC [S, C] (and kappa [S, C]) of every candidate on every validation fold."""
     import numpy as np
 
     F = X.shape[1]
     combos = _combos(F, cfg)
-    splitter = _splitter(y, cfg.folds, cfg.repeats, cfg.seed)
+    splitter = _splitter(y, cfg.folds, cfg.repeats, cfg.seed, groups)
     aucs, kaps, sizes = [], [], []
     for tr, va in splitter.split(X, y):
         Xtr, ytr, Xva, yva = X[tr], y[tr], X[va], y[va]
@@ -380,8 +411,21 @@ def _check_inputs(X, y, names):
     return X, y.astype(np.int64)
 
 
-def choose(X, y, names: Sequence[str], config: SelectConfig | None = None, *, with_kappa: bool = True):
-    """Steps 1-2 on (X [N, F], y [N]) -> (candidate index, reason, [CandidateCV] in candidate order)."""
+def _check_groups(groups, n: int):
+    import numpy as np
+
+    if groups is None:
+        return None
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise GanprintError(f"selection: {n} score rows but groups of shape {g.shape}")
+    return g
+
+
+def choose(X, y, names: Sequence[str], config: SelectConfig | None = None, *, with_kappa: bool = True,
+           groups=None):
+    """Steps 1-2 on (X [N, F], y [N]) -> (candidate index, reason, [CandidateCV] in candidate order).
+    ``groups`` int [N] or None: folds keep each group (near-duplicates) whole."""
     import numpy as np
 
     cfg = (config or SelectConfig()).validate()
@@ -389,7 +433,7 @@ def choose(X, y, names: Sequence[str], config: SelectConfig | None = None, *, wi
     F = X.shape[1]
     all_names = candidate_names(names, cfg)
     kinds = [SINGLE] * F + [k for k, _ in _combos(F, cfg)]
-    A, K, n_tr, n_va = _cv_scores(X, y, names, cfg, with_kappa)
+    A, K, n_tr, n_va = _cv_scores(X, y, names, cfg, with_kappa, _check_groups(groups, len(y)))
     A = np.nan_to_num(A, nan=0.5)
     J = A.shape[0]
     mean = A.mean(0)
@@ -416,11 +460,12 @@ def choose(X, y, names: Sequence[str], config: SelectConfig | None = None, *, wi
     return idx, reason, cands
 
 
-def fit_procedure(X, y, index: int, names: Sequence[str], config: SelectConfig | None = None) -> Procedure:
+def fit_procedure(X, y, index: int, names: Sequence[str], config: SelectConfig | None = None,
+                  groups=None) -> Procedure:
     """Step 3: refit candidate ``index`` on all of (X, y), with its kappa-optimal cut."""
     cfg = (config or SelectConfig()).validate()
     X, y = _check_inputs(X, y, names)
-    return _fit(index, X, y, names, cfg)
+    return _fit(index, X, y, names, cfg, groups=_check_groups(groups, len(y)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,16 +498,18 @@ class NestedEstimate:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def nested_cv(X, y, names: Sequence[str], config: SelectConfig | None = None, splits=None) -> NestedEstimate:
+def nested_cv(X, y, names: Sequence[str], config: SelectConfig | None = None, splits=None,
+              groups=None) -> NestedEstimate:
     """Evaluate choose-then-fit by outer CV.  ``splits``: (train, test) index pairs to use instead
     of the outer RepeatedStratifiedKFold.  Each outer training part sees only its own labels."""
     import numpy as np
 
     cfg = (config or SelectConfig()).validate()
     X, y = _check_inputs(X, y, names)
+    groups = _check_groups(groups, len(y))
     all_names = candidate_names(names, cfg)
     if splits is None:
-        outer = _splitter(y, cfg.outer_folds, cfg.outer_repeats, cfg.seed + 1)
+        outer = _splitter(y, cfg.outer_folds, cfg.outer_repeats, cfg.seed + 1, groups)
         splits = list(outer.split(X, y))
         folds = outer.cvargs["n_splits"]
     else:
@@ -471,8 +518,9 @@ def nested_cv(X, y, names: Sequence[str], config: SelectConfig | None = None, sp
     aucs, kaps, chosen, n_tr, n_te = [], [], [], [], []
     for tr, te in splits:
         ytr = y[tr]
-        idx, _, _ = choose(X[tr], ytr, names, cfg, with_kappa=False)
-        proc = _fit(idx, X[tr], ytr, names, cfg)
+        gtr = None if groups is None else groups[tr]
+        idx, _, _ = choose(X[tr], ytr, names, cfg, with_kappa=False, groups=gtr)
+        proc = _fit(idx, X[tr], ytr, names, cfg, groups=gtr)
         s = proc.score(X[te])
         aucs.append(float(_auc_columns(y[te], s[:, None])[0]))
         kaps.append(_kappa(y[te], s >= proc.threshold))
@@ -533,12 +581,16 @@ class Selection:
         }
 
 
-def select(X, y, names: Sequence[str], config: SelectConfig | None = None, *, nested: bool = True) -> Selection:
-    """Choose among the columns of X [N, F] (+ combinations) on labels y [N]; see the module doc."""
+def select(X, y, names: Sequence[str], config: SelectConfig | None = None, *, nested: bool = True,
+           groups=None) -> Selection:
+    """Choose among the columns of X [N, F] (+ combinations) on labels y [N]; see the module doc.
+    ``groups`` int [N] or None (every image its own group): images of one group (near-duplicate
+    slices of a patient) are never on both sides of any CV split, inner or outer."""
     cfg = (config or SelectConfig()).validate()
     X, y = _check_inputs(X, y, names)
-    idx, reason, cands = choose(X, y, names, cfg)
-    proc = _fit(idx, X, y, names, cfg)
-    est = nested_cv(X, y, names, cfg) if nested else None
+    groups = _check_groups(groups, len(y))
+    idx, reason, cands = choose(X, y, names, cfg, groups=groups)
+    proc = _fit(idx, X, y, names, cfg, groups=groups)
+    est = nested_cv(X, y, names, cfg, groups=groups) if nested else None
     return Selection(list(names), candidate_names(names, cfg)[idx], reason, proc, cands, est, cfg,
                      int(len(y)), int(y.sum()))

@@ -108,3 +108,45 @@ def test_run_audit_library_and_cache(tmp_path):
     assert all(again.report["stages_cached"].values())
     assert again.report["selection"] == res.report["selection"]
     assert again.report["datacopy"] == res.report["datacopy"]
+
+
+def _grouped_null_scores(seed, n_pat=30, per=4, cands=3):
+    """S [cands, R]: no signal, but each patient's ``per`` slices score (almost) alike."""
+    rng = np.random.default_rng(seed)
+    pid = np.repeat(np.arange(2 * n_pat), per)
+    y = (pid < n_pat).astype(np.int64)
+    S = rng.standard_normal((cands, 2 * n_pat))[:, pid] + 0.01 * rng.standard_normal((cands, len(pid)))
+    return S, y, pid
+
+
+def test_group_level_rank_test_is_calibrated_where_the_image_level_one_is_not():
+    """Near-duplicates of one patient fool a rank test over images, not one over groups."""
+    from ganprint.audit import _oof_pvalue
+
+    p_img, p_grp = [], []
+    for seed in range(300):
+        S, y, pid = _grouped_null_scores(seed, per=6, cands=1)
+        p_img.append(_oof_pvalue(y, S[0]))
+        p_grp.append(_oof_pvalue(y, S[0], pid))
+    assert np.mean(np.array(p_img) < 0.05) > 0.15  # ~0.25 in theory: n counted 6 times
+    assert np.mean(np.array(p_grp) < 0.05) < 0.09
+    assert kstest(p_grp, "uniform").pvalue > 0.01
+
+
+def test_audit_selection_with_groups_on_a_grouped_null():
+    """The whole selection + verdict p-value on null patients: grouped CV and the group-level test
+    reject at about the nominal rate, the ungrouped ones far more often."""
+    from ganprint.audit import _select
+
+    opts = AuditOptions(folds=4, repeats=1, bootstrap=0)
+    rej = {"img": 0, "grp": 0}
+    runs = 12
+    for seed in range(runs):
+        S, y, pid = _grouped_null_scores(100 + seed, per=5)
+        lab = np.ones(len(y), dtype=bool)
+        rej["img"] += _select(S, lab, y, ["a", "b", "c"], opts)[0]["nested"]["p_value"] < 0.05
+        res = _select(S, lab, y, ["a", "b", "c"], opts, pid)[0]
+        assert res["nested"]["n_groups"] == 60
+        rej["grp"] += res["nested"]["p_value"] < 0.05
+    assert rej["img"] >= 3, rej  # 4 of 12 when written
+    assert rej["grp"] <= 1, rej  # 0 of 12 when written; 12 x 0.05 = 0.6 expected

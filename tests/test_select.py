@@ -100,3 +100,34 @@ def test_bad_inputs():
         select(X[:21], np.r_[np.zeros(20), 1].astype(int), names, FAST)
     with pytest.raises(GanprintError, match="names"):
         select(X, y, names[:2], FAST)
+
+
+def _grouped_null(n_pat=30, per=4, seed=0):
+    """Null data of patients: ``per`` near-duplicate images per patient, a patient in one class."""
+    rng = np.random.default_rng(seed)
+    pid = np.repeat(np.arange(2 * n_pat), per)
+    y = (pid < n_pat).astype(int)
+    X = rng.standard_normal((2 * n_pat, 3))[pid] + 0.01 * rng.standard_normal((len(pid), 3))
+    return X, y, pid, ["a", "b", "c"]
+
+
+def test_grouped_folds_never_split_a_group():
+    from ganprint.select import _splitter
+
+    X, y, pid, _ = _grouped_null()
+    splits = list(_splitter(y, 5, 2, 0, pid).split(X, y))
+    assert len(splits) == 10
+    for tr, te in splits:
+        assert not set(pid[tr]) & set(pid[te])
+        assert 0 < y[te].mean() < 1
+    # without groups, today's behaviour: some fold splits a patient
+    assert any(set(pid[tr]) & set(pid[te]) for tr, te in _splitter(y, 5, 2, 0).split(X, y))
+
+
+def test_select_with_groups_is_deterministic_and_checks_shape():
+    X, y, pid, names = _grouped_null()
+    a = select(X, y, names, FAST, groups=pid).to_dict()
+    b = select(X, y, names, FAST, groups=pid).to_dict()
+    assert a == b
+    with pytest.raises(GanprintError, match="groups"):
+        select(X, y, names, FAST, groups=pid[:-1])
