@@ -119,3 +119,35 @@ def to_model_input(v: torch.Tensor, preprocess, channels_last: bool = False) -> 
     std = torch.tensor(preprocess.std, dtype=v.dtype, device=v.device)[None, :, None, None]
     x = (v.expand(-1, c, -1, -1) - mean) / std
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def replica_views(images: torch.Tensor, out_size: int, generator: torch.Generator, ranges=None
+                  ) -> tuple[torch.Tensor, list[dict]]:
+    """uint8 [N, S, S] -> (float32 [N, 1, out_size, out_size] in [0, 1], N transform dicts).
+
+    Each image gets its own random replica transform, drawn and applied by
+    :mod:`ganprint.synth.replicas` (the sampler and OpenCV warp of ``synth --copies``: rotation,
+    shift, gamma, blur, noise; ``ranges`` a ``ReplicaRanges``, default its defaults), at the cache
+    resolution, then resized like :func:`plain_view`.  The numpy generator behind it is seeded
+    from one draw of ``generator``, so views depend only on (images, generator state)."""
+    from ganprint.synth.replicas import ReplicaRanges, apply_transform, random_transform
+
+    ranges = ReplicaRanges() if ranges is None else ranges
+    n = images.shape[0]
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    params = [random_transform(rng, ranges) for _ in range(n)]
+    if n == 0:
+        return images.new_zeros(0, 1, out_size, out_size, dtype=torch.float32), params
+    arr = images.cpu().numpy()
+    out = np.stack([apply_transform(a, p, rng) for a, p in zip(arr, params)])
+    return plain_view(torch.from_numpy(out).to(images.device), out_size), params
+
+
+def instance_pair(images: torch.Tensor, out_size: int, generator: torch.Generator, ranges=None
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[dict], list[dict]]:
+    """The instance positive pair (SSCD / SimCLR-style): two independent replica views of each
+    image.  uint8 [N, S, S] -> (view_a, view_b float32 [N, 1, out, out], params_a, params_b);
+    row i of both views shows image i."""
+    a, pa = replica_views(images, out_size, generator, ranges)
+    b, pb = replica_views(images, out_size, generator, ranges)
+    return a, b, pa, pb

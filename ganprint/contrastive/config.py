@@ -47,6 +47,8 @@ class TrainConfig:
     proj_dim: int = 256
     proj_layers: int = 2
     bn_mode: str = "frozen"
+    # positives: the paper's similarity pools, instance views (copy descriptor), or both
+    positives: str = "pools"
     # positive pools and negatives (Table 1 names)
     sim_threshold: float = 0.6
     min_pos_samples: int = 2
@@ -115,11 +117,12 @@ FIELD_HELP: dict[str, str] = {
     "proj_dim": "Embedding dimension of the projection head.",
     "proj_layers": "Linear layers in the projection MLP (ReLU between them, none at the end).",
     "bn_mode": "frozen (BatchNorm keeps its running statistics; identical across ranks) or train.",
+    "positives": "pools (the paper's: real_used images similar to the anchor), instance (a second view of the anchor under the replica transforms of `synth --copies`: rotation, shift, gamma, blur, noise; a copy descriptor) or both (pools plus the instance view; all views then use the replica transforms).",
     "sim_threshold": "Positive pool: real_used images with cosine similarity >= this.",
     "min_pos_samples": "Positive pool: top up to this many by similarity rank when too few pass the threshold.",
     "pos_per_anchor": "Pool positives drawn per anchor and step (0: min_pos_samples).",
     "max_pool_size": "Keep at most this many most-similar images in a pool (0: no cap).",
-    "self_positive": "Also use a second augmented view of the anchor itself as a positive.",
+    "self_positive": "positives = pools: also use a second augmented view of the anchor itself as a positive.",
     "num_neg_samples": "Explicit negatives per anchor drawn from real_not_used (when the dev set has it).",
     "queue_size": "FIFO queue of momentum keys (0: sized from the dataset).",
     "queue_init": "keys (start filled with momentum keys of generated images) or empty.",
@@ -149,6 +152,7 @@ FIELD_HELP: dict[str, str] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "positives": ("pools", "instance", "both"),
     "bn_mode": ("frozen", "train"),
     "queue_init": ("keys", "empty"),
 }
@@ -274,7 +278,7 @@ def validate(cfg: TrainConfig, source: str = "config") -> TrainConfig:
         raise bad("epochs", "must be positive (or set max_steps)")
     if cfg.warmup_steps < -1:
         raise bad("warmup_steps", "must be -1 (auto) or at least 0")
-    if cfg.min_pos_samples == 0 and cfg.pos_per_anchor == 0 and not cfg.self_positive:
+    if cfg.positives == "pools" and cfg.min_pos_samples == 0 and cfg.pos_per_anchor == 0 and not cfg.self_positive:
         raise GanprintError(f"{source}: no positives at all (min_pos_samples, pos_per_anchor 0 and self_positive "
                             "false); set min_pos_samples >= 1 or self_positive = true")
     return cfg

@@ -46,7 +46,15 @@ from ganprint.checkpoint import (
     tensors_digest,
     unprefixed,
 )
-from ganprint.contrastive.augment import AugmentConfig, augment, cache_size, to_cache, to_model_input
+from ganprint.contrastive.augment import (
+    AugmentConfig,
+    augment,
+    cache_size,
+    instance_pair,
+    replica_views,
+    to_cache,
+    to_model_input,
+)
 from ganprint.contrastive.config import TrainConfig, absolute_paths, as_config, diff_configs, to_toml
 from ganprint.contrastive.distributed import (
     DistContext,
@@ -172,8 +180,12 @@ def load_train_data(folder: str, image_size: int) -> TrainData:
 
 
 def compute_pools(cfg: TrainConfig, loaded, data: TrainData, ctx: DistContext) -> tuple[list[torch.Tensor], dict]:
-    """Pools from the similarity artifact, or from the frozen backbone's cosine similarity."""
-    if cfg.similarity:
+    """Pools from the similarity artifact, or from the frozen backbone's cosine similarity
+    (none with ``positives = "instance"``: the only positive is the anchor's second view)."""
+    if cfg.positives == "instance":
+        pools = [torch.zeros(0, dtype=torch.long) for _ in data.gen_hashes]
+        info: dict[str, Any] = {"source": "none (positives = instance)"}
+    elif cfg.similarity:
         pools, info = pools_from_similarity_artifact(cfg.similarity, data.gen_hashes, data.used_hashes,
                                                      cfg.sim_threshold, cfg.min_pos_samples, cfg.max_pool_size)
     else:
@@ -251,7 +263,8 @@ def make_plan(cfg: TrainConfig, n_gen: int, n_not_used: int, world: int) -> Plan
         k = int(min(16384, max(batch, n_gen - batch)))
     if cfg.num_neg_samples and n_not_used == 0:
         notes.append("no real_not_used images: explicit negatives off, the queue alone provides negatives")
-    return Plan(batch, batch // world, spe, max_steps, stop, k, cfg.pos_per_anchor or cfg.min_pos_samples, notes)
+    pos = 0 if cfg.positives == "instance" else cfg.pos_per_anchor or cfg.min_pos_samples
+    return Plan(batch, batch // world, spe, max_steps, stop, k, pos, notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +352,12 @@ class _Trainer:
             self.model = self.encoder
 
     def _views(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        v = augment(images.to(self.ctx.device), self.size, self.aug, g)
+        # instance / both: every view (queries, keys, pool positives, negatives) is a replica view,
+        # so no key can be told from the queries by its kind of augmentation
+        if self.cfg.positives == "pools":
+            v = augment(images.to(self.ctx.device), self.size, self.aug, g)
+        else:
+            v = replica_views(images.to(self.ctx.device), self.size, g)[0]
         return to_model_input(v, self.loaded.preprocess, self.channels_last)
 
     @torch.no_grad()
@@ -379,8 +397,12 @@ class _Trainer:
         n_neg = cfg.num_neg_samples if len(data.not_used_hashes) else 0
         neg_idx = sample_negatives(len(data.not_used_hashes), b, n_neg, g)
 
-        xq = self._views(data.gen[anchors], g)
-        xk = self._views(data.gen[anchors], g)  # a second, independent view
+        if cfg.positives == "pools":
+            xq = self._views(data.gen[anchors], g)
+            xk = self._views(data.gen[anchors], g)  # a second, independent view
+        else:  # the instance pair: two replica views of the anchor
+            va, vb, _, _ = instance_pair(data.gen[anchors].to(dev), self.size, g)
+            xq, xk = (to_model_input(v, self.loaded.preprocess, self.channels_last) for v in (va, vb))
         upos, pos_inv = torch.unique(pos_idx[pos_ok], return_inverse=True)
         uneg, neg_inv = torch.unique(neg_idx.reshape(-1), return_inverse=True)
         xr = torch.cat([xk, self._views(data.used[upos], g), self._views(data.not_used[uneg], g)])
@@ -390,7 +412,7 @@ class _Trainer:
         k_pos = keys.new_zeros(b, plan.pos_per_anchor, cfg.proj_dim)
         k_pos[pos_ok.to(dev)] = k_pos_u[pos_inv.to(dev)]
         ok = pos_ok.to(dev)
-        if cfg.self_positive:
+        if cfg.self_positive or cfg.positives != "pools":  # instance / both: the instance key always
             k_pos = torch.cat([k_self[:, None], k_pos], 1)
             ok = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), ok], 1)
         negatives = [self.queue.keys.clone()]  # clone: the queue is updated in place after the step
@@ -482,7 +504,8 @@ class _Trainer:
         if not path.is_file():
             raise GanprintError(f"{path}: no checkpoint to resume from; drop --resume or pass the --out of the run")
         meta = read_checkpoint_meta(path)
-        changed = diff_configs(meta.get("config", {}), cfg.to_dict())
+        # checkpoints from before `positives` existed trained with pools
+        changed = diff_configs({"positives": "pools", **meta.get("config", {})}, cfg.to_dict())
         if changed:
             raise GanprintError(f"{path}: --resume with a different config ({', '.join(changed)}); use the saved "
                                 f"{cfg.config_path} or start a new --out")
