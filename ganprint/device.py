@@ -36,6 +36,21 @@ def resolve_device(spec: str = "auto"):
     raise GanprintError(f"--device {spec}: unknown device; use auto, cpu, cuda, cuda:N or mps")
 
 
+def rank_device(spec: str, local_rank: int):
+    """The device of one torchrun rank: ``cuda:LOCAL_RANK`` (mod the GPUs here) for auto/cuda where
+    CUDA exists, the CPU for auto elsewhere, else ``spec`` as :func:`resolve_device` reads it."""
+    import torch
+
+    spec = (spec or "auto").strip().lower()
+    if spec in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    if spec == "auto":
+        return torch.device("cpu")
+    return resolve_device(spec)
+
+
 def autocast_context(device):
     """AMP on CUDA (bf16 where supported, else fp16); a no-op elsewhere (bf16 did not help on CPU)."""
     import contextlib

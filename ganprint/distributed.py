@@ -220,9 +220,7 @@ class Group:
 def join(device_spec: str = "auto", timeout_s: float | None = None) -> Group:
     """This process' :class:`Group`: the torchrun process group when launched by torchrun
     (nccl when this rank's device is CUDA, else gloo), else a one-process group."""
-    import torch
-
-    from ganprint.device import resolve_device
+    from ganprint.device import rank_device, resolve_device
 
     if not launched():
         return Group(device=resolve_device(device_spec))
@@ -233,14 +231,7 @@ def join(device_spec: str = "auto", timeout_s: float | None = None) -> Group:
     if not dist.is_available():
         raise GanprintError("torch.distributed is not available in this torch build; run without torchrun")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    spec = (device_spec or "auto").strip().lower()
-    if spec in ("auto", "cuda") and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    elif spec == "auto":
-        device = torch.device("cpu")
-    else:
-        device = resolve_device(spec)
+    device = rank_device(device_spec, local_rank)
     if timeout_s is None:
         try:
             timeout_s = float(os.environ.get("GANPRINT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))

@@ -44,7 +44,7 @@ def _env_world() -> int:
 
 def init_distributed(device_spec: str = "auto") -> DistContext:
     """Join the torchrun process group when there is one; resolve this rank's device."""
-    from ganprint.device import resolve_device
+    from ganprint.device import rank_device, resolve_device
 
     world = _env_world()
     if world <= 1 and not (dist.is_available() and dist.is_initialized()):
@@ -52,14 +52,7 @@ def init_distributed(device_spec: str = "auto") -> DistContext:
     if not dist.is_available():
         raise GanprintError("torch.distributed is not available in this torch build; run without torchrun")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    spec = (device_spec or "auto").lower()
-    if spec in ("auto", "cuda") and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    elif spec == "auto":
-        device = torch.device("cpu")
-    else:
-        device = resolve_device(spec)
+    device = rank_device(device_spec, local_rank)
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
