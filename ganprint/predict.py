@@ -312,7 +312,8 @@ def predict_auto(
                             "real_used/ and real_not_used/ images")
     y = y[spaces[0].dev_order]
     known = np.isfinite(y)
-    sel = select(X_dev[known], y[known].astype(np.int64), names, cfg, nested=nested)
+    groups, ginfo = _dev_groups(spaces, known, y[known].astype(np.int64))
+    sel = select(X_dev[known], y[known].astype(np.int64), names, cfg, nested=nested, groups=groups)
     proc = sel.procedure
     scores = sel.score(X_test)
     used = [cands[j] for j in proc.columns]
@@ -356,6 +357,7 @@ def predict_auto(
     info = sel.to_dict()
     info["candidate_info"] = {c.name: c.info for c in cands}
     info["skipped"] = skipped
+    info["groups"] = ginfo
     chosen_space = next((s for s in spaces if s.name == used[0].info.get("space")), spaces[0])
     truth = _truth(spaces[0].test.table)
     if truth is not None:
@@ -364,6 +366,30 @@ def predict_auto(
     return Prediction(test_ids, scores, dec, "auto", params, truth, str(Path(chosen_space.test.base).resolve()),
                       dict(chosen_space.test.provenance), pvalues, pinfo, info,
                       [s.describe() for s in spaces])
+
+
+def _dev_groups(spaces, known, y):
+    """Near-duplicate groups (ganprint.groups) of the labelled dev images [n] from every space's dev
+    real embeddings, so that selection's CV never splits neighbouring slices of one patient.
+    (None, why) where an embeddings artifact is not at hand or too few groups would remain."""
+    import numpy as np
+
+    from ganprint.groups import near_duplicate_groups
+
+    embs = []
+    for sp in spaces:
+        try:
+            emb = sp.context("dev").embeddings("real")
+        except GanprintError as exc:
+            return None, {"rule": None, "reason": str(exc)}
+        embs.append(np.asarray(emb, dtype=np.float32)[np.asarray(sp.dev_order)][known])
+    g = near_duplicate_groups(embs)
+    per_class = [len(np.unique(g[y == c])) for c in (0, 1)]
+    info = {"rule": "near_duplicate_groups(k=10, ratio=0.25)", "n": int(len(g)), "n_groups": int(len(np.unique(g))),
+            "groups_per_class": per_class}
+    if min(per_class) < 2:
+        return None, {**info, "rule": None, "reason": "fewer than 2 groups in a class: every image its own group"}
+    return g, info
 
 
 def _oof_null(null_s, N, null_ids, X, y, ids, names, sel, cfg):

@@ -252,3 +252,29 @@ def test_fitted_combination_null_scores_are_out_of_fold():
     assert not np.allclose(oof, full)
     # a fresh fit scores its own training non-members lower than held-out ones, on average
     assert oof.mean() > full.mean()
+
+
+def test_auto_keeps_near_duplicate_dev_images_in_one_cv_group(tmp_path):
+    """Neighbouring slices of one patient (here: each dev real image twice, with tiny noise) are one
+    group for selection's CV; independent images stay alone (ganprint.groups)."""
+    rng = np.random.default_rng(3)
+    x, ids, subsets, labels = _arrays("dev", rng, informative=True, n_pos=8)
+    real = [i for i, s in enumerate(subsets) if s != "generated"]
+    twin = x[real] + 1e-4 * rng.normal(size=(len(real), D))
+    dup = (twin, [f"twin_{ids[i]}" for i in real], [subsets[i] for i in real], [labels[i] for i in real])
+    dev = _write(tmp_path, "pix_dev_emb", "pixels", [(x, ids, subsets, labels), dup])
+    test = _split(tmp_path, "test", rng, True, "pixels")
+    dsim = run_simmatrix(tmp_path / "dsim", dataset=dev, k=5, device="cpu").base
+    tsim = run_simmatrix(tmp_path / "tsim", dataset=test, k=5, device="cpu").base
+    pred = predict_auto([tsim], [dsim], config=FAST)
+    g = pred.selection["groups"]
+    # each twin pair is one group: at most len(real) groups
+    assert g["n"] == 2 * len(real) and g["n_groups"] <= len(real) and g["groups_per_class"][1] >= 2
+
+    alone = predict_auto([tsim], [run_simmatrix(tmp_path / "dsim1", dataset=_split(tmp_path, "dev", rng, True,
+                                                "pixels", n_pos=8, prefix="d1"), k=5, device="cpu").base],
+                         config=FAST)
+    ga = alone.selection["groups"]
+    # no twins: far more groups than half the images (in 6 dimensions some independent images
+    # still fall that close, so not every image is alone)
+    assert ga["n_groups"] > ga["n"] / 2
