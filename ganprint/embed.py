@@ -26,7 +26,7 @@ from ganprint.artifacts import (
     write_artifact,
 )
 from ganprint.data import ImageRecord, decode_image, discover
-from ganprint.embed_common import EmbedOutcome, hash_records, inputs_digest  # noqa: F401  (re-exported)
+from ganprint.embed_common import EmbedOutcome, collect_bad, hash_records, inputs_digest  # noqa: F401  (re-exported)
 from ganprint.errors import ArtifactError, BadImageError, GanprintError
 
 EMBED_FORMAT = 1  # bump when the embedding computation changes, to invalidate cached artifacts
@@ -267,12 +267,7 @@ def run_embed(
     if got is None:  # under torchrun, not rank 0: rank 0 writes
         return None
     feats, kept, sizes, bad = got
-    if bad:
-        first = min(bad)
-        if not skip_bad:
-            raise BadImageError(records[first].path, bad[first])
-        for i in sorted(bad):
-            skipped.append({"path": records[i].path, "reason": bad[i]})
+    collect_bad(records, bad, skip_bad, skipped)
     if not kept:
         raise GanprintError("no image could be decoded; check the inputs")
 

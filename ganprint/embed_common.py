@@ -34,3 +34,17 @@ class EmbedOutcome:
     images_per_s: float
     provenance: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+
+
+def collect_bad(records: list[ImageRecord], bad: dict[int, str], skip_bad: bool, skipped: list[dict]) -> None:
+    """Raise for the first bad image (``bad``: record index -> reason) unless ``skip_bad``; else list
+    every bad image in ``skipped``."""
+    from ganprint.errors import BadImageError
+
+    if not bad:
+        return
+    if not skip_bad:
+        first = min(bad)
+        raise BadImageError(records[first].path, bad[first])
+    for i in sorted(bad):
+        skipped.append({"path": records[i].path, "reason": bad[i]})

@@ -226,7 +226,7 @@ def run_local_embed(
         write_artifact,
     )
     from ganprint.data import discover
-    from ganprint.embed_common import EmbedOutcome, hash_records, inputs_digest
+    from ganprint.embed_common import EmbedOutcome, collect_bad, hash_records, inputs_digest
     from ganprint.errors import ArtifactError
 
     t0 = time.perf_counter()
@@ -265,12 +265,7 @@ def run_local_embed(
     else:
         feats, sizes, bad = _extract_records(records, spec, max_keypoints, image_size, nworkers)
     elapsed = time.perf_counter() - t_run
-    if bad:
-        first = min(bad)
-        if not skip_bad:
-            raise BadImageError(records[first].path, bad[first])
-        for i in sorted(bad):
-            skipped.append({"path": records[i].path, "reason": bad[i]})
+    collect_bad(records, bad, skip_bad, skipped)
     kept = [i for i in range(len(records)) if feats[i] is not None]
     if not kept:
         raise GanprintError("no image could be decoded; check the inputs")

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ganprint.artifacts import releases_output_claim
-from ganprint.errors import ArtifactError, GanprintError
+from ganprint.errors import GanprintError
 
 RULES = ("threshold", "calibrate", "quantile", "balanced", "fdr")
 
@@ -249,12 +249,8 @@ def predict(
     truth_out = None if truth_all is None else truth_all[keep]
     if rule == "threshold":
         dec = Decision(decide_threshold(scores, float(threshold)), rule, float(threshold))
-    elif rule == "fdr":
-        dec = _fdr_decision(pvalues, fdr, name)
-    elif rule in ("quantile", "balanced"):
-        q = 0.5 if rule == "balanced" else float(quantile)
-        labels, thr = decide_quantile(scores, q, ids)
-        dec = Decision(labels, rule, thr, quantile=q)
+    elif rule in ("fdr", "quantile", "balanced"):
+        dec = _uncalibrated_decision(rule, scores, ids, pvalues, fdr, quantile, name)
     else:
         dev = calibrate if isinstance(calibrate, Artifact) else load_similarity(calibrate)
         dev_name = f"{dev.base}.safetensors"
@@ -344,12 +340,8 @@ def predict_auto(
     X_test, scores, test_ids = X_test[keep], scores[keep], [test_ids[n] for n in keep]
     pvalues = None if pvalues is None else pvalues[keep]
     name = "+".join(f"{s.test.base}" for s in spaces)
-    if rule == "fdr":
-        dec = _fdr_decision(pvalues, fdr, name)
-    elif rule in ("quantile", "balanced"):
-        q = 0.5 if rule == "balanced" else float(quantile)
-        labels, thr = decide_quantile(scores, q, test_ids)
-        dec = Decision(labels, rule, thr, quantile=q)
+    if rule in ("fdr", "quantile", "balanced"):
+        dec = _uncalibrated_decision(rule, scores, test_ids, pvalues, fdr, quantile, name)
     else:
         dec = Decision(sel.decide(X_test), "calibrate", float(proc.threshold),
                        dev={"paths": [str(Path(s.dev.base).resolve()) for s in spaces], "n": int(known.sum()),
@@ -366,6 +358,15 @@ def predict_auto(
     return Prediction(test_ids, scores, dec, "auto", params, truth, str(Path(chosen_space.test.base).resolve()),
                       dict(chosen_space.test.provenance), pvalues, pinfo, info,
                       [s.describe() for s in spaces])
+
+
+def _uncalibrated_decision(rule: str, scores, ids, pvalues, fdr, quantile, name: str) -> "Decision":
+    """The rules that need no dev labels: ``fdr`` (BH on the p-values), ``quantile``, ``balanced``."""
+    if rule == "fdr":
+        return _fdr_decision(pvalues, fdr, name)
+    q = 0.5 if rule == "balanced" else float(quantile)
+    labels, thr = decide_quantile(scores, q, ids)
+    return Decision(labels, rule, thr, quantile=q)
 
 
 def _dev_groups(spaces, known, y):
