@@ -493,6 +493,10 @@ def run_synth(out: str | os.PathLike, config: SynthConfig | None = None, *, forc
             json.dump(summary, fh, indent=1, sort_keys=True)
             fh.write("\n")
         _replace_dir(tmp, out)
+    except OSError as exc:  # a full disk or a vanished folder while writing: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GanprintError(f"{out}: cannot write the benchmark ({exc.strerror or exc}); "
+                            "free some space or choose another OUT") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -179,12 +179,12 @@ def sample_ddpm(model, cfg: DdpmConfig, n: int, seed: int, device, batch_size: i
 
 def save_ddpm(model, cfg: DdpmConfig, path, extra: dict | None = None) -> None:
     """UNet weights as safetensors; metadata ``ganprint`` = JSON with the configs."""
-    from safetensors.torch import save_file
+    from ganprint.artifacts import save_safetensors
 
     meta = {"format": DDPM_FORMAT, "arch": "ddpm-unet2d", "config": asdict(cfg), "unet": cfg.unet_kwargs(),
             "scheduler": cfg.scheduler_kwargs(), **(extra or {})}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"ganprint": json.dumps(meta, sort_keys=True)})
+    save_safetensors(state, path, metadata={"ganprint": json.dumps(meta, sort_keys=True)})
 
 
 def load_ddpm(path):

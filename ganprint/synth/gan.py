@@ -181,11 +181,11 @@ def sample(G, n: int, z_dim: int, seed: int, device, batch_size: int = 256) -> n
 
 def save_generator(G, cfg: GanConfig, path, extra: dict | None = None) -> None:
     """Generator weights as safetensors; metadata ``ganprint`` = JSON with the architecture."""
-    from safetensors.torch import save_file
+    from ganprint.artifacts import save_safetensors
 
     meta = {"format": GENERATOR_FORMAT, "arch": "dcgan", "config": asdict(cfg), **(extra or {})}
     state = {k: v.detach().contiguous().cpu() for k, v in G.state_dict().items()}
-    save_file(state, str(path), metadata={"ganprint": json.dumps(meta, sort_keys=True)})
+    save_safetensors(state, path, metadata={"ganprint": json.dumps(meta, sort_keys=True)})
 
 
 def load_generator(path):

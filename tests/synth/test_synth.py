@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ganprint.cli.main import app
+from ganprint.errors import GanprintError
 
 # a tiny run: 32 px images, a 16 px GAN with 4 channels, 30 steps (seconds on 2 cores)
 TINY = ["--size", "32", "--gan-res", "16", "--gan-width", "4", "--z-dim", "8", "--steps", "30",
@@ -189,7 +190,7 @@ def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gan, "save_generator", boom)
     out = tmp_path / "out"
-    with pytest.raises(OSError):
+    with pytest.raises(GanprintError, match="No space left on device"):
         dataset.run_synth(out, dataset.resolve_config(size=32, gan_res=16, gan_width=4, z_dim=8, steps=2, batch_size=4,
                                                      dev_real=2, test_real=2, dev_generated=2, test_generated=2,
                                                      threads=1), progress=False)
@@ -302,3 +303,22 @@ def test_out_is_a_file(tmp_path):
     assert res.exit_code == 2
     assert res.stderr.strip() == f"Error: {f}: exists and is not a folder; choose another OUT"
     assert f.read_text() == "x"
+
+
+def test_full_disk_while_saving_the_generator_is_one_line(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own exception type: still one ``Error:`` line, no OUT."""
+    import safetensors.torch
+
+    class SafetensorError(Exception):
+        pass
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "out"
+    res = run_cli(str(out), *TINY[:TINY.index("--steps")], "--steps", "2", *TINY[TINY.index("--steps") + 2:])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {out}: cannot write the benchmark (No space left on device)")
+    assert list(tmp_path.iterdir()) == []
