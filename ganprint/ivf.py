@@ -26,9 +26,16 @@ KMEANS_ITERATIONS = 10  # lists for a search need no converged clustering (faiss
 MAX_POINTS_PER_LIST = 64  # k-means training sample per list (faiss caps at 256; 64 trains 4x faster, enough for the lists)
 
 
+MAX_SCAN = 0.25  # probing more than this share of the lists cannot beat the exact search: run that instead
+
+
 def nlist_for(n: int) -> int:
-    """Lists for ``n`` keys: ~2 sqrt(n) (faiss suggests 1-16 sqrt(n)), at least 39 keys per list."""
-    return max(1, min(int(2 * math.sqrt(n)), n // 39))
+    """Lists for ``n`` keys: ~sqrt(n) (faiss suggests 1-16 sqrt(n)), at least 39 keys per list.
+
+    The fixed costs grow with nlist (k-means on 64 nlist points: ~nlist^2; assigning the keys:
+    n nlist), the scan shrinks with it; at 1M keys 2 sqrt(n) lists made training and adding
+    alone ~20% of an exact search's time, sqrt(n) halves that for the same scanned share."""
+    return max(1, min(int(math.sqrt(n)), n // 39))
 
 
 def _faiss():
@@ -76,10 +83,13 @@ def ivf_topk(queries, keys, k: int, *, metric: str = "cosine", exclude=None,
              seed: int = 0, threads: int | None = None):
     """Approximate top-k of ``keys`` for every query.
 
-    ``exact(rows)`` int64 [n] -> indices int64 [n, k]: the exact top-k of those query rows (the
-    caller's exact engine, the same exclusion applied).  ``nprobe`` None: calibrated to reach
-    ``recall``.  Returns (values float32 [Q, k] descending, indices int64 [Q, k], info) where info
-    holds nlist, nprobe, the held-out recall@k and the sample sizes.
+    ``exact(rows)`` int64 [n] -> (values float32 [n, k], indices int64 [n, k]): the exact top-k
+    of those query rows (the caller's exact engine, the same exclusion applied).  ``nprobe`` None:
+    calibrated to reach ``recall``; when that would take more than ``MAX_SCAN`` of the lists (data
+    without cluster structure, e.g. uniform random vectors) the inverted file cannot beat the
+    exact search, which then answers every query (``info["fallback"]``: why; recall 1).  Returns
+    (values float32 [Q, k] descending, indices int64 [Q, k], info) where info holds nlist, nprobe,
+    the held-out recall@k and the sample sizes.
     """
     import numpy as np
     import torch
@@ -109,11 +119,12 @@ def ivf_topk(queries, keys, k: int, *, metric: str = "cosine", exclude=None,
     perm = rng.permutation(nq)
     n_cal = min(CALIBRATION, nq // 3)
     cal, hold = perm[:n_cal], perm[n_cal:n_cal + HOLDOUT]
-    truth = exact(torch.from_numpy(np.concatenate([cal, hold]).astype(np.int64)))
+    truth = exact(torch.from_numpy(np.concatenate([cal, hold]).astype(np.int64)))[1]
     truth = np.asarray(torch.as_tensor(truth).numpy())
     t_cal, t_hold = truth[:n_cal], truth[n_cal:]
 
     cal_recall = None
+    fallback = None
     if nprobe is None:
         nprobe = max(1, nlist // 64)
         while True:
@@ -125,14 +136,22 @@ def ivf_topk(queries, keys, k: int, *, metric: str = "cosine", exclude=None,
             cal_recall = _recall(ci, t_cal)
             if cal_recall >= recall or nprobe >= nlist:
                 break
+            if nlist > 1 and nprobe * 2 > MAX_SCAN * nlist:
+                fallback = (f"recall@{k} {cal_recall:.3f} < {recall} at nprobe {nprobe} of {nlist} lists; probing more "
+                            f"than {MAX_SCAN:.0%} of them cannot beat the exact search, which answered every query")
+                break
             nprobe = min(nlist, nprobe * 2)
     nprobe = max(1, min(int(nprobe), nlist))
-    index.nprobe = nprobe
-    d, i = _search(index, q, k, ex, metric)
+    if fallback is not None:
+        v, i = exact(torch.arange(nq, dtype=torch.long))
+        d, i = np.asarray(torch.as_tensor(v).numpy(), dtype=np.float32), np.asarray(torch.as_tensor(i).numpy())
+    else:
+        index.nprobe = nprobe
+        d, i = _search(index, q, k, ex, metric)
     info = {
         "nlist": nlist, "nprobe": nprobe, "recall_target": recall,
         "recall_at_k": round(_recall(i[hold], t_hold), 5), "recall_sample": int(len(hold)),
         "calibration_recall": None if cal_recall is None else round(cal_recall, 5), "calibration_sample": int(n_cal),
-        "k": k, "seed": seed,
+        "k": k, "seed": seed, "fallback": fallback,
     }
     return torch.from_numpy(np.ascontiguousarray(d)), torch.from_numpy(i.astype(np.int64)), info

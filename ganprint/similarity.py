@@ -563,7 +563,7 @@ def _faiss_ivf_search(queries, keys, k, *, key_k=0, metric="cosine", block=DEFAU
         def exact(rows):
             r, _, _ = topk_search(qs[rows], ks, kk, metric=metric, block=block, device=device, prepared=True,
                                   exclude=None if exx is None else exx[rows], precision=precision)
-            return r.indices
+            return r.values, r.indices
 
         v, i, meta = ivf_topk(qs, ks, kk, metric=metric, exclude=exx, exact=exact, recall=target,
                               threads=torch.get_num_threads())
