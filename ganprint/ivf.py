@@ -47,14 +47,19 @@ def _faiss():
     return faiss
 
 
-def _search(index, q, k: int, exclude, metric: str):
+def _search(index, q, k: int, exclude, metric: str, lists=None):
     """(values float32 [n, k], indices int64 [n, k]) of one faiss search; ``exclude`` int64 [n]
-    or None: a key per row to leave out (searched with one more, then dropped).  Fewer than k
-    results (few keys in the probed lists) leave -inf / -1."""
+    or None: a key per row to leave out (searched with one more, then dropped).  ``lists`` int64
+    [n, >= nprobe]: each query's nearest lists, best first, when computed already (else faiss'
+    quantizer finds them).  Fewer than k results (few keys in the probed lists) leave -inf / -1."""
     import numpy as np
 
     extra = 0 if exclude is None else 1
-    d, i = index.search(q, k + extra)
+    if lists is None:
+        d, i = index.search(q, k + extra)
+    else:
+        pre = np.ascontiguousarray(lists[:, : index.nprobe], dtype=np.int64)
+        d, i = index.search_preassigned(q, k + extra, pre, np.zeros(pre.shape, dtype=np.float32))
     d = d.astype(np.float32)
     if metric == "l2":
         d = np.where(i >= 0, -np.sqrt(np.maximum(d, 0.0)), -np.inf).astype(np.float32)
@@ -80,7 +85,7 @@ def _recall(approx, exact) -> float:
 
 def ivf_topk(queries, keys, k: int, *, metric: str = "cosine", exclude=None,
              exact: Callable[[Any], Any], recall: float = DEFAULT_RECALL, nprobe: int | None = None,
-             seed: int = 0, threads: int | None = None):
+             seed: int = 0, threads: int | None = None, search: Callable[[Any, Any, int], Any] | None = None):
     """Approximate top-k of ``keys`` for every query.
 
     ``exact(rows)`` int64 [n] -> (values float32 [n, k], indices int64 [n, k]): the exact top-k
@@ -90,6 +95,9 @@ def ivf_topk(queries, keys, k: int, *, metric: str = "cosine", exclude=None,
     exact search, which then answers every query (``info["fallback"]``: why; recall 1).  Returns
     (values float32 [Q, k] descending, indices int64 [Q, k], info) where info holds nlist, nprobe,
     the held-out recall@k and the sample sizes.
+    ``search(x, centroids, n)`` -> indices int64 [len(x), n] (optional): the caller's exact
+    engine, ranking the lists for the keys (assignment) and the queries (which lists to probe)
+    as faiss' flat quantizer would, with faster products; without it faiss' quantizer does.
     """
     import numpy as np
     import torch
@@ -113,9 +121,24 @@ def ivf_topk(queries, keys, k: int, *, metric: str = "cosine", exclude=None,
     train = kk if nk <= nlist * MAX_POINTS_PER_LIST else kk[np.sort(rng.choice(nk, nlist * MAX_POINTS_PER_LIST,
                                                                               replace=False))]
     index.train(train)
-    index.add(kk)
+    cent = index.quantizer.reconstruct_n(0, index.nlist) if search is not None else None
+    if search is not None:  # assign the keys with the caller's engine: one exact top-1 search
+        from faiss.contrib.ivf_tools import add_preassigned
+
+        assign = np.ascontiguousarray(torch.as_tensor(search(keys, torch.from_numpy(cent), 1)).numpy()[:, 0],
+                                      dtype=np.int64)
+        add_preassigned(index, kk, assign)
+    else:
+        index.add(kk)
     ex = None if exclude is None else np.asarray(torch.as_tensor(exclude, dtype=torch.long).numpy())
 
+    lists = None
+    if search is not None:  # every query's lists, best first, as many as calibration may probe
+        depth = max(1, nlist // 64)  # the deepest nprobe calibration tries (below MAX_SCAN of the lists)
+        while depth * 2 <= MAX_SCAN * nlist:
+            depth *= 2
+        depth = min(nlist, depth if nprobe is None else max(depth, int(nprobe)))
+        lists = np.asarray(torch.as_tensor(search(queries, torch.from_numpy(cent), depth)).numpy(), dtype=np.int64)
     perm = rng.permutation(nq)
     n_cal = min(CALIBRATION, nq // 3)
     cal, hold = perm[:n_cal], perm[n_cal:n_cal + HOLDOUT]
@@ -132,7 +155,10 @@ def ivf_topk(queries, keys, k: int, *, metric: str = "cosine", exclude=None,
             if n_cal == 0:
                 nprobe = nlist  # nothing to calibrate on: probe every list (an exhaustive search)
                 break
-            _, ci = _search(index, q[cal], k, None if ex is None else ex[cal], metric)
+            if lists is not None and nprobe > lists.shape[1]:
+                lists = None  # deeper than prepared (an explicit nprobe): faiss' quantizer
+            _, ci = _search(index, q[cal], k, None if ex is None else ex[cal], metric,
+                            None if lists is None else lists[cal])
             cal_recall = _recall(ci, t_cal)
             if cal_recall >= recall or nprobe >= nlist:
                 break
@@ -147,7 +173,9 @@ def ivf_topk(queries, keys, k: int, *, metric: str = "cosine", exclude=None,
         d, i = np.asarray(torch.as_tensor(v).numpy(), dtype=np.float32), np.asarray(torch.as_tensor(i).numpy())
     else:
         index.nprobe = nprobe
-        d, i = _search(index, q, k, ex, metric)
+        if lists is not None and nprobe > lists.shape[1]:
+            lists = None
+        d, i = _search(index, q, k, ex, metric, lists)
     info = {
         "nlist": nlist, "nprobe": nprobe, "recall_target": recall,
         "recall_at_k": round(_recall(i[hold], t_hold), 5), "recall_sample": int(len(hold)),

@@ -554,6 +554,7 @@ def _faiss_ivf_search(queries, keys, k, *, key_k=0, metric="cosine", block=DEFAU
     from ganprint.ivf import ivf_topk
 
     target = IVF_RECALL if recall is None else recall
+    dev_cpu = getattr(device, "type", str(device)) == "cpu"
 
     def one_way(qs, ks, kk, ex, name):
         if kk > ks.shape[0] - (0 if ex is None else 1):
@@ -565,8 +566,12 @@ def _faiss_ivf_search(queries, keys, k, *, key_k=0, metric="cosine", block=DEFAU
                                   exclude=None if exx is None else exx[rows], precision=precision)
             return r.values, r.indices
 
+        def lists(x, centroids, n):  # nearest lists: exact top-n over the centroids (raw products / L2)
+            r, _, _ = topk_search(x, centroids, n, metric=metric, block=block, prepared=True, precision="fp32")
+            return r.indices
+
         v, i, meta = ivf_topk(qs, ks, kk, metric=metric, exclude=exx, exact=exact, recall=target,
-                              threads=torch.get_num_threads())
+                              threads=torch.get_num_threads(), search=lists if dev_cpu else None)
         if info is not None:
             info[name] = meta
         return TopK(v, i)

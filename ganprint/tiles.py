@@ -87,7 +87,8 @@ def block_topk(n: int, nk: int, k: int, tile_fn, kblock: int, buf, *, k_start: i
         if full:
             th = top_v[:, -1]
         else:
-            pool = top_v if gm is None else torch.cat([top_v, gm], 1)
+            # k of the tile's own values (group maxima; a narrow tile's values): a bound from the start
+            pool = torch.cat([top_v, gm if gm is not None else tail], 1)
             th = pool.topk(k, dim=1, sorted=False).values.amin(1)
         rows_l, cols_l, vals_l = [], [], []
         if gm is not None:
