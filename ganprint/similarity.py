@@ -566,9 +566,9 @@ def _faiss_ivf_search(queries, keys, k, *, key_k=0, metric="cosine", block=DEFAU
                                   exclude=None if exx is None else exx[rows], precision=precision)
             return r.values, r.indices
 
-        def lists(x, centroids, n):  # nearest lists: exact top-n over the centroids (raw products / L2)
-            r, _, _ = topk_search(x, centroids, n, metric=metric, block=block, prepared=True, precision="fp32")
-            return r.indices
+        def lists(x, y, n, ex=None):  # exact top-n (raw products / L2): list ranking and list scans
+            r, _, _ = topk_search(x, y, n, metric=metric, block=block, prepared=True, precision="fp32", exclude=ex)
+            return r.values, r.indices
 
         v, i, meta = ivf_topk(qs, ks, kk, metric=metric, exclude=exx, exact=exact, recall=target,
                               threads=torch.get_num_threads(), search=lists if dev_cpu else None)
