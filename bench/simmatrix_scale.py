@@ -11,27 +11,32 @@ normalised: a crowded, realistic distribution at any scale.  The measurements ov
 same query slices, interleaved slice by slice (so a machine shared with other jobs slows them
 all alike), each over all keys:
 
-  matmul       the bare float32 matrix products of the same [block, 16*block] tiles, no
-               selection (the practical limit of an exact float32 search),
-  matmul_bf16  bf16 products of the bf16 path's tiles ([block, 32*block], the same bytes), only
-               when ganprint runs that path: its limit, so ganprint/matmul_bf16 is what selection
-               + re-scoring cost,
-  ganprint     ``ganprint.similarity.topk_search`` with ``--precision`` (auto: bf16 tiles,
-               certified, re-scored in float32 where the CPU has bf16 dot products; else fp32),
+  matmul       the bare float32 products of the float32 path's own tiles, scheduled as it does
+               (``similarity.cpu_tile``: [block/2, 16 block] tiles as sub-tiles of
+               ``tiles.SUB`` keys, one single-threaded worker per thread), no selection,
+  matmul_wide  (``--wide-baseline``) the older float32 baseline: one [block, 16 block] product
+               at a time on all threads,
+  matmul_bf16  bare bf16 products of the bf16 path's tiles ([block, 32 block]); skipped with
+               ``--no-bf16`` unless ganprint runs that path,
+  ganprint     ``ganprint.similarity.topk_search`` with ``--precision`` (auto: the fixed CPU
+               rule of ``prefilter.bf16_rule``; the choice and its reason are printed),
   faiss        ``faiss.IndexFlatIP.search`` (exact), when faiss is installed.
 
-The bf16 path's keys are prepared once (``prefilter.prepare_keys``, timed and counted in
-ganprint's time) and reused by every slice, as one library call does.  ``--ivf`` adds the
-approximate engine (``simmatrix --engine faiss-ivf`` at its default: IVF index built, nprobe
-calibrated to recall@k >= 0.99), timed as one whole call, its recall@k measured against
-ganprint's exact top-k on every query row, and its speed-up over ganprint's exact search.
+Ratios printed: ganprint over the bare products of the tiles it runs (``own_tiles``: matmul
+for fp32, matmul_bf16 for bf16; target <= 1.15), over each of matmul and matmul_bf16, and
+faiss over ganprint (target >= 2.5).  The bf16 path's keys are prepared once
+(``prefilter.prepare_keys``, counted in ganprint's time) and reused by every slice.
+``--ivf`` adds the approximate engine (``simmatrix --engine faiss-ivf`` at its default), timed
+as one whole call (lists, calibration, search), its recall@k on every query row against the
+exact top-k and its speed-up over one exact call on the same vectors; on uniform vectors (no
+``--clusters`` / ``--embeddings``) it runs on vectors around ``--ivf-clusters`` centres of the
+same sizes instead, since uniform vectors have no lists to exploit.
 ``--noisy-neighbour`` runs the interleaved slices a second time while another process keeps
-one core busy, and prints each phase's CPU-time growth (noisy / quiet).
+one core busy, and prints each phase's CPU-time growth (noisy / quiet; target <= 1.3).
 
-Prints seconds, ganprint/matmul (target <= 1.2), faiss/ganprint (target >= 3), the bf16 path's
-counts (rows searched again in float32, keys re-scored per row, the error bound), peak RSS during
-each phase (sampled from /proc) against the tile size and against the n*m matrix it avoids, and
-checks that ganprint's top-k equals faiss' (indices on sampled rows; values to 1e-5).
+Also printed: the bf16 path's counts when it runs, peak RSS during each phase (sampled from
+/proc) against the tile size and the n*m matrix it avoids, and whether ganprint's top-k equals
+faiss' (indices on sampled rows; values to 1e-5).
 """
 
 from __future__ import annotations
