@@ -104,19 +104,20 @@ def bf16_rule(vendor: str, avx512_bf16: bool, amx_bf16: bool) -> tuple[bool, str
     - AMD with AVX512-BF16 (Zen 4/5): ``vdpbf16ps`` runs at the full vector rate, twice the
       float32 FMAs per cycle; bf16 tiles measured 2.9x faster than float32 (EPYC) -> bf16;
     - Intel with AVX512-BF16 but no AMX (Cooper Lake, or Sapphire/Emerald Rapids where the
-      hypervisor hides AMX): ``vdpbf16ps`` issues on one port, the float32 FMA on two, so
-      bf16 brings no more multiply-adds per cycle and costs conversions: bf16 tiles measured
-      0.57x the float32 speed (Xeon family 6 model 207) -> fp32;
+      hypervisor hides AMX): oneDNN runs its native ``avx512_core_bf16`` brgemm, yet bf16 tiles
+      measured 0.58x the float32 speed (Xeon family 6 model 207, ``bench/tile_precision.py``);
+      the likely cause: these cores issue ``vdpbf16ps`` at half the rate of float32 FMAs, so
+      bf16 brings no more multiply-adds per cycle -> fp32;
     - no bf16 dot products: emulated, slow -> fp32.
-    (float16 tiles are no way out: oneDNN converts them to float32 on AVX512-FP16, 0.88x.)
+    (float16 tiles are no way out there: oneDNN's avx10_1_512 kernel measured 0.88-0.95x float32.)
     """
     if amx_bf16:
         return True, "AMX-BF16 tile units: bf16 products several times the float32 rate"
     if avx512_bf16 and vendor == "AuthenticAMD":
         return True, "AMD AVX512-BF16: vdpbf16ps at twice the float32 FMA rate"
     if avx512_bf16:
-        return False, (f"{vendor or 'this CPU'}: AVX512-BF16 without AMX; vdpbf16ps has half the float32 "
-                       "FMA issue rate, so bf16 tiles are slower")
+        return False, (f"{vendor or 'this CPU'}: AVX512-BF16 without AMX, where bf16 tile products measured "
+                       "0.58x the float32 speed")
     return False, "no bf16 dot-product instructions: bf16 products would be emulated"
 
 

@@ -361,7 +361,7 @@ def resolve_precision(precision: str, metric: str, device: Any, *, matrix: bool 
     it is exact *and* faster: cosine, CPU, no full matrix, at least ``FULL_AUTO_MAX`` pairs
     (below that, the float32 path is already fast), and a CPU whose bf16 products beat its
     float32 ones by :func:`ganprint.prefilter.bf16_rule` (AMX, or AMD AVX512-BF16; not Intel
-    AVX512-BF16 without AMX, where bf16 tiles measured 0.57x the float32 speed).
+    AVX512-BF16 without AMX, where bf16 tiles measured 0.58x the float32 speed).
     """
     if precision not in PRECISIONS:
         raise GanprintError(f"--precision {precision}: unknown; use one of {', '.join(PRECISIONS)}")
