@@ -55,17 +55,76 @@ SLACK = 1e-30  # flushed bf16/float32 subnormals (DAZ/FTZ) change a score by far
 
 def bf16_native() -> bool:
     """True when this CPU has bf16 dot-product instructions (else bf16 products are emulated and slow)."""
+    f = cpu_features()
+    return f["avx512_bf16"] or f["amx_bf16"]
+
+
+def _torch_flag(name: str) -> bool:
     import torch
 
-    cpu = getattr(torch, "cpu", None)
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(cpu, name, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # an old or unusual build: fall back to float32
-            continue
-    return False
+    fn = getattr(getattr(torch, "cpu", None), name, None)
+    try:
+        return bool(fn()) if fn is not None else False
+    except Exception:  # an old or unusual build: treat as absent
+        return False
+
+
+def _cpu_vendor() -> str:
+    """``GenuineIntel``, ``AuthenticAMD``, ... from /proc/cpuinfo ('' where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+_FEATURES: dict[str, Any] = {}
+
+
+def cpu_features() -> dict[str, Any]:
+    """What :func:`bf16_rule` reads: ``vendor`` (str), ``avx512_bf16``, ``amx_bf16`` (bool; as
+    torch's own dispatch sees them).  Read once per process."""
+    if not _FEATURES:
+        _FEATURES.update(vendor=_cpu_vendor(), avx512_bf16=_torch_flag("_is_avx512_bf16_supported"),
+                         amx_bf16=_torch_flag("_is_amx_tile_supported"))
+    return dict(_FEATURES)
+
+
+def bf16_rule(vendor: str, avx512_bf16: bool, amx_bf16: bool) -> tuple[bool, str]:
+    """(bf16 tiles are the faster ones, why): the fixed rule ``--precision auto`` applies.
+
+    A rule on CPU features, not a timing probe, so the precision (recorded in the provenance)
+    never depends on the load.  Measured with torch 2.14 / oneDNN 3.12 brgemm, [1024, 256] x
+    [256, 32768] tiles, one thread (see the README, "Exact top-k at scale"):
+
+    - AMX-BF16: tile multiply units, several times the float32 FMA rate -> bf16;
+    - AMD with AVX512-BF16 (Zen 4/5): ``vdpbf16ps`` runs at the full vector rate, twice the
+      float32 FMAs per cycle; bf16 tiles measured 2.9x faster than float32 (EPYC) -> bf16;
+    - Intel with AVX512-BF16 but no AMX (Cooper Lake, or Sapphire/Emerald Rapids where the
+      hypervisor hides AMX): oneDNN runs its native ``avx512_core_bf16`` brgemm, yet bf16 tiles
+      measured 0.58x the float32 speed (Xeon family 6 model 207, ``bench/tile_precision.py``);
+      the likely cause: these cores issue ``vdpbf16ps`` at half the rate of float32 FMAs, so
+      bf16 brings no more multiply-adds per cycle -> fp32;
+    - no bf16 dot products: emulated, slow -> fp32.
+    (float16 tiles are no way out there: oneDNN's avx10_1_512 kernel measured 0.88-0.95x float32.)
+    """
+    if amx_bf16:
+        return True, "AMX-BF16 tile units: bf16 products several times the float32 rate"
+    if avx512_bf16 and vendor == "AuthenticAMD":
+        return True, "AMD AVX512-BF16: vdpbf16ps at twice the float32 FMA rate"
+    if avx512_bf16:
+        return False, (f"{vendor or 'this CPU'}: AVX512-BF16 without AMX, where bf16 tile products measured "
+                       "0.58x the float32 speed")
+    return False, "no bf16 dot-product instructions: bf16 products would be emulated"
+
+
+def bf16_faster() -> tuple[bool, str]:
+    """:func:`bf16_rule` for the CPU this process runs on."""
+    f = cpu_features()
+    return bf16_rule(f["vendor"], f["avx512_bf16"], f["amx_bf16"])
 
 
 def _rounded(x, mu=None):

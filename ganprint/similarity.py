@@ -258,6 +258,8 @@ def topk_search(
                          exclude_keys=n_ex > 0 and key_k > 0) == "bf16":
         return _topk_bf16(queries, keys, k, block=block, exclude=exclude, key_k=key_k, chunk=chunk, stats=stats,
                           key_prep=key_prep)
+    if dev.type == "cpu" and not matrix and key_k == 0:
+        return _topk_cpu(queries, keys, k, metric=metric, block=block, exclude=exclude), None, None
     keys_d = keys.to(dev)
     ksq = (keys_d * keys_d).sum(1) if metric == "l2" else None
     qblock, kblock = block, block * KEY_BLOCK_FACTOR
@@ -296,13 +298,70 @@ def topk_search(
     return res, kres, full
 
 
+def cpu_tile(block: int) -> tuple[int, int]:
+    """The float32 CPU path's tile [query rows, keys] for ``--block``: [block / 2, 16 block] (32 MiB
+    at the default), one per worker thread, computed in sub-tiles of 1024 keys (2 MiB) that stay
+    in the core's cache between their product and the group-maximum pass that reads them back
+    (on a whole 64 MiB tile that pass cost ~15% of the product, on a 2 MiB one ~2%)."""
+    return max(1, block // 2), max(1, 16 * block)
+
+
+def _topk_cpu(queries, keys, k: int, *, metric: str, block: int, exclude=None) -> TopK:
+    """topk_search's float32 CPU path, per query only (inputs prepared): the query blocks (and,
+    when they are fewer than the threads, key ranges) go to single-threaded workers
+    (:func:`ganprint.tiles.parallel_blocks`), each running :func:`ganprint.tiles.block_topk`."""
+    import torch
+
+    from ganprint.tiles import block_topk, merge_topk, parallel_blocks
+
+    nq, nk = queries.shape[0], keys.shape[0]
+    qrows, kcols = cpu_tile(block)
+    threads = torch.get_num_threads()
+    qblocks = list(_tiles(nq, qrows))
+    nsplit = 1 if len(qblocks) >= threads else min(threads, max(1, nk // kcols))
+    kranges = [(nk * j // nsplit, nk * (j + 1) // nsplit) for j in range(nsplit)]
+    ksq = (keys * keys).sum(1) if metric == "l2" else None
+    excl = None if exclude is None else torch.as_tensor(exclude, dtype=torch.long)
+    bufs: dict[int, Any] = {}
+
+    def work(task):
+        (q0, q1), (a, b) = task
+        import threading
+
+        buf = bufs.get(threading.get_ident())
+        if buf is None:
+            buf = bufs[threading.get_ident()] = torch.empty(min(qrows, nq) * min(kcols, nk))
+        q = queries[q0:q1]
+        qsq = (q * q).sum(1) if metric == "l2" else None
+
+        def tile_fn(k0, k1, out):
+            if metric == "cosine":
+                torch.mm(q, keys[k0:k1].t(), out=out)
+            else:
+                _sim_tile(q, keys[k0:k1], qsq, ksq[k0:k1], metric, out)
+
+        return block_topk(q1 - q0, b - a, k, tile_fn, kcols, buf, k_start=a,
+                          exclude=None if excl is None else excl[q0:q1])
+
+    tasks = [(qb, kr) for qb in qblocks for kr in kranges]
+    res = parallel_blocks(tasks, work, threads)
+    out_v = torch.empty(nq, k)
+    out_i = torch.empty(nq, k, dtype=torch.long)
+    for bi, (q0, q1) in enumerate(qblocks):
+        v, i = merge_topk(res[bi * nsplit:(bi + 1) * nsplit], k)
+        out_v[q0:q1], out_i[q0:q1] = v, i
+    return TopK(_finish_values(out_v, metric), out_i)
+
+
 def resolve_precision(precision: str, metric: str, device: Any, *, matrix: bool = False, size: int | None = None,
                       exclude_keys: bool = False) -> str:
     """The tile precision a search runs with: ``fp32`` or ``bf16``.
 
     ``bf16`` needs cosine on CPU; a full matrix is always float32.  ``auto`` picks bf16 where
-    it is exact *and* faster: cosine, CPU with native bf16 dot products, no full matrix, at
-    least ``FULL_AUTO_MAX`` pairs (below that, the float32 path is already fast).
+    it is exact *and* faster: cosine, CPU, no full matrix, at least ``FULL_AUTO_MAX`` pairs
+    (below that, the float32 path is already fast), and a CPU whose bf16 products beat its
+    float32 ones by :func:`ganprint.prefilter.bf16_rule` (AMX, or AMD AVX512-BF16; not Intel
+    AVX512-BF16 without AMX, where bf16 tiles measured 0.58x the float32 speed).
     """
     if precision not in PRECISIONS:
         raise GanprintError(f"--precision {precision}: unknown; use one of {', '.join(PRECISIONS)}")
@@ -315,11 +374,18 @@ def resolve_precision(precision: str, metric: str, device: Any, *, matrix: bool 
         return "fp32" if matrix or exclude_keys else "bf16"
     if precision == "fp32" or metric != "cosine" or not on_cpu or matrix or exclude_keys:
         return "fp32"
-    if size is not None and size < FULL_AUTO_MAX:
-        return "fp32"
-    from ganprint.prefilter import bf16_native
+    return "bf16" if auto_precision_reason(size)[0] else "fp32"
 
-    return "bf16" if bf16_native() else "fp32"
+
+def auto_precision_reason(size: int | None = None) -> tuple[bool, str]:
+    """(``--precision auto`` takes bf16 for a cosine search on this CPU, why) — a fixed rule on
+    the problem size and the CPU's features (:func:`ganprint.prefilter.bf16_rule`), never a
+    timing probe."""
+    if size is not None and size < FULL_AUTO_MAX:
+        return False, f"fewer than {FULL_AUTO_MAX} pairs: float32 tiles are fast enough"
+    from ganprint.prefilter import bf16_faster
+
+    return bf16_faster()
 
 
 def _topk_bf16(queries, keys, k: int, *, block: int, exclude, key_k: int, chunk: int, stats, key_prep=None):
@@ -488,6 +554,7 @@ def _faiss_ivf_search(queries, keys, k, *, key_k=0, metric="cosine", block=DEFAU
     from ganprint.ivf import ivf_topk
 
     target = IVF_RECALL if recall is None else recall
+    dev_cpu = getattr(device, "type", str(device)) == "cpu"
 
     def one_way(qs, ks, kk, ex, name):
         if kk > ks.shape[0] - (0 if ex is None else 1):
@@ -497,10 +564,14 @@ def _faiss_ivf_search(queries, keys, k, *, key_k=0, metric="cosine", block=DEFAU
         def exact(rows):
             r, _, _ = topk_search(qs[rows], ks, kk, metric=metric, block=block, device=device, prepared=True,
                                   exclude=None if exx is None else exx[rows], precision=precision)
-            return r.indices
+            return r.values, r.indices
+
+        def lists(x, y, n, ex=None):  # exact top-n (raw products / L2): list ranking and list scans
+            r, _, _ = topk_search(x, y, n, metric=metric, block=block, prepared=True, precision="fp32", exclude=ex)
+            return r.values, r.indices
 
         v, i, meta = ivf_topk(qs, ks, kk, metric=metric, exclude=exx, exact=exact, recall=target,
-                              threads=torch.get_num_threads())
+                              threads=torch.get_num_threads(), search=lists if dev_cpu else None)
         if info is not None:
             info[name] = meta
         return TopK(v, i)
@@ -831,6 +902,8 @@ def run_simmatrix(
         engine_info=notes or None,
         precision=None if eng.name != "exact" else resolve_precision(
             precision, metric, dev, matrix="matrix" in tensors, size=len(g_rows) * len(r_rows)),
+        precision_reason=None if eng.name != "exact" or precision != "auto" or metric != "cosine"
+        or "matrix" in tensors or dev.type != "cpu" else auto_precision_reason(len(g_rows) * len(r_rows))[1],
         block=block,
         device=dev.type,
         realref=("realref_topk_values" in tensors),

@@ -132,7 +132,7 @@ def test_threshold_rounds_down_and_handles_minus_inf():
 
 def test_resolve_precision(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(prefilter, "bf16_native", lambda: True)
+    monkeypatch.setattr(prefilter, "bf16_faster", lambda: (True, "test"))
     assert resolve_precision("auto", "cosine", cpu, size=FULL_AUTO_MAX) == "bf16"
     assert resolve_precision("auto", "cosine", cpu, size=FULL_AUTO_MAX - 1) == "fp32"  # small: fp32 is fast
     assert resolve_precision("auto", "cosine", cpu, matrix=True, size=10 ** 9) == "fp32"
@@ -140,8 +140,8 @@ def test_resolve_precision(monkeypatch):
     assert resolve_precision("auto", "cosine", torch.device("cuda"), size=10 ** 9) == "fp32"
     assert resolve_precision("bf16", "cosine", cpu, size=10) == "bf16"
     assert resolve_precision("bf16", "cosine", cpu, matrix=True) == "fp32"  # a stored matrix is float32
-    monkeypatch.setattr(prefilter, "bf16_native", lambda: False)
-    assert resolve_precision("auto", "cosine", cpu, size=10 ** 9) == "fp32"  # emulated bf16 is slow
+    monkeypatch.setattr(prefilter, "bf16_faster", lambda: (False, "test"))
+    assert resolve_precision("auto", "cosine", cpu, size=10 ** 9) == "fp32"  # bf16 slower on this CPU
     with pytest.raises(GanprintError, match="--precision bf16 works with --metric cosine only"):
         resolve_precision("bf16", "l2", cpu)
     with pytest.raises(GanprintError, match="CPU path"):
@@ -198,3 +198,15 @@ def test_keys_prepared_once_serve_every_query_slice(monkeypatch):
     assert torch.equal(torch.cat([p.values for p in parts]), whole.values)
     with pytest.raises(ValueError, match="prepared keys"):
         bf16_topk(q, keys[:100], 5, block=32, key_factor=4, prepared=pk)
+
+
+def test_bf16_rule():
+    """auto's CPU rule: bf16 only where its products beat float32 (AMX; AMD AVX512-BF16)."""
+    assert prefilter.bf16_rule("GenuineIntel", True, True)[0]
+    assert prefilter.bf16_rule("AuthenticAMD", True, False)[0]
+    assert not prefilter.bf16_rule("GenuineIntel", True, False)[0]  # vdpbf16ps at half the FMA rate
+    assert not prefilter.bf16_rule("AuthenticAMD", False, False)[0]
+    assert not prefilter.bf16_rule("", False, False)[0]
+    f = prefilter.cpu_features()
+    assert set(f) == {"vendor", "avx512_bf16", "amx_bf16"}
+    assert prefilter.bf16_faster() == prefilter.bf16_rule(**f)  # deterministic: no timing in it

@@ -201,3 +201,80 @@ def test_run_simmatrix_argument_errors(tmp_path):
         run_simmatrix(tmp_path / "s", dataset=only_gen)
     with pytest.raises(GanprintError, match="--k"):
         run_simmatrix(tmp_path / "s", dataset=base, k=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the float32 CPU path: group maxima, single-threaded workers (ganprint.tiles.block_topk)
+
+
+def _ref_topk(q, keys, k, metric="cosine", exclude=None):
+    """float64 truth: (values [Q, k] descending, indices [Q, k]; ties: the lower key index)."""
+    qd, kd = q.double(), keys.double()
+    if metric == "cosine":
+        s = torch.nn.functional.normalize(qd, dim=1) @ torch.nn.functional.normalize(kd, dim=1).T
+    else:
+        s = -torch.cdist(qd, kd)
+    if exclude is not None:
+        r = (exclude >= 0).nonzero().squeeze(1)
+        s[r, exclude[r]] = -float("inf")
+    v, i = torch.sort(s, dim=1, descending=True, stable=True)
+    return v[:, :k], i[:, :k]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("nq,nk,block", [(300, 5000, 64), (5, 3000, 1024), (1, 7, 4), (40, 2600, 16)])
+def test_cpu_fp32_topk_equals_float64(metric, nq, nk, block):
+    """Group-maximum selection over sub-tiles, tails and key-range splits gives the float64 top-k."""
+    g = torch.Generator().manual_seed(nq + nk)
+    q, keys = torch.randn(nq, 24, generator=g), torch.randn(nk, 24, generator=g)
+    ex = torch.randint(-1, nk, (nq,), generator=g)
+    k = min(10, nk - 1)
+    for e in (None, ex):
+        got, _, _ = topk_search(q, keys, k, metric=metric, block=block, exclude=e, precision="fp32")
+        rv, ri = _ref_topk(q, keys, k, metric, e)
+        assert torch.allclose(got.values.double(), rv, atol=2e-6)
+        gap = (rv[:, :-1] - rv[:, 1:]).abs().min(1).values  # rows without near-ties: indices too
+        clear = gap > 1e-5
+        assert clear.sum() > 0
+        assert torch.equal(got.indices[clear], ri[clear])
+        if e is not None:
+            assert not (got.indices == e.unsqueeze(1)).any()
+
+
+def test_cpu_fp32_topk_ties_and_threads():
+    """Duplicated keys tie exactly: the lower key index comes first, and the result does not depend
+    on the number of threads (each product is one single-threaded call on a fixed tile)."""
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(40000, 16, generator=g)
+    keys[30000:30005] = keys[7]  # five exact copies of key 7, after it
+    q = torch.cat([keys[7:8] + 0.01 * torch.randn(1, 16, generator=g), torch.randn(99, 16, generator=g)])
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _, _ = topk_search(q, keys, 8, precision="fp32", block=64)
+        first = topk_search(q[:1], keys, 8, precision="fp32", block=64)[0]
+        torch.set_num_threads(2)
+        two, _, _ = topk_search(q, keys, 8, precision="fp32", block=64)
+        split = topk_search(q[:1], keys, 8, precision="fp32", block=64)[0]  # one query block: key ranges split
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one.indices, two.indices) and torch.equal(one.values, two.values)
+    assert torch.equal(first.indices, split.indices) and torch.equal(first.indices, one.indices[:1])
+    assert one.indices[0, :6].tolist() == [7, 30000, 30001, 30002, 30003, 30004]
+    assert torch.get_num_threads() == n
+
+
+def test_block_topk_crowded_and_narrow():
+    """Every score equal (each group hits) and tiles narrower than a group: still the exact top-k."""
+    from ganprint.tiles import block_topk
+
+    n, nk, k = 6, 3000, 5
+    for width in (1000, 4096, 100):
+        buf = torch.empty(n * width)
+
+        def tile_fn(k0, k1, out):
+            out.fill_(0.5)
+
+        v, i = block_topk(n, nk, k, tile_fn, width, buf, sub=256)
+        assert torch.equal(v, torch.full((n, k), 0.5))
+        assert i.tolist() == [list(range(k))] * n
