@@ -36,6 +36,7 @@ from ganprint.errors import ArtifactError, GanprintError
 DEFAULT_MAX_ANGLE = 12.0  # degrees; the replica transforms rotate by up to +-10
 DEFAULT_ANGLE_STEP = 4.0  # coarse: ECC refines the angle
 MIN_OVERLAP = 0.5  # an alignment whose overlap is under half the image proves nothing
+DEFAULT_MAX_SHIFT = 0.15  # of the image side: copies keep their content in frame (synth shifts by <= 8%)
 BACKBONES = ("pixels",)  # embeddings whose rows are image grids
 
 
@@ -112,7 +113,7 @@ def _masked_ncc(a, ma, b, mb):
     return num / den, n
 
 
-def _register_one(q, cands, cand_spec, angles_deg):
+def _register_one(q, cands, cand_spec, angles_deg, max_shift: float = DEFAULT_MAX_SHIFT):
     """One query [S, S] against candidates [K, S, S] (their padded spectra ``cand_spec``) ->
     (ncc [K], overlap [K], angle [K] degrees, shift [K, 2] (dx, dy) pixels)."""
     import torch
@@ -126,8 +127,8 @@ def _register_one(q, cands, cand_spec, angles_deg):
     cross = cand_spec.unsqueeze(0) * qs.conj().unsqueeze(1)  # [A, K, 2S, S+1]
     cross = cross / cross.abs().clamp(min=1e-9)
     corr = torch.fft.irfft2(cross, s=(2 * S, 2 * S))  # [A, K, 2S, 2S]: peak at the candidate - query shift
-    # shifts beyond half the image are not searched (a copy keeps most of its content in frame)
-    lim = S // 2
+    # shifts beyond max_shift are not searched (a copy keeps its content in frame)
+    lim = max(1, int(round(max_shift * S)))
     idx = torch.cat([torch.arange(0, lim + 1), torch.arange(2 * S - lim, 2 * S)])
     corr = corr[..., idx, :][..., idx]
     flat = corr.reshape(A, K, -1).argmax(-1)
@@ -192,13 +193,27 @@ def _ecc(cand: np.ndarray, query: np.ndarray, m_q2c: np.ndarray, iters: int, eps
 
 
 def register_one(q, cands, cand_spec, angles_deg, *, refine: bool = True, iters: int = DEFAULT_ECC_ITERS,
-                 eps: float = DEFAULT_ECC_EPS, blur: int = DEFAULT_ECC_BLUR):
+                 eps: float = DEFAULT_ECC_EPS, blur: int = DEFAULT_ECC_BLUR, max_shift: float = DEFAULT_MAX_SHIFT,
+                 query_blurs=(0.0,)):
     """One query float32 [S, S] against candidates [K, S, S] (padded spectra ``cand_spec``, see
     :func:`_spectra`) -> (ncc float64 [K], overlap int64 [K] pixels, transforms float64 [K, 2, 3]
     query -> candidate pixels).  Coarse: rotation grid x phase correlation (batched torch FFTs);
     then ECC from the coarse pose (``refine``); the better of the two NCCs is kept."""
+    if len(query_blurs) > 1 or query_blurs[0] > 0:  # degradation search: the copy may be blurred, not the source
+        best = None
+        for sigma in query_blurs:
+            r = register_one(_blurred(q, sigma), cands, cand_spec, angles_deg, refine=refine, iters=iters, eps=eps,
+                             blur=blur, max_shift=max_shift, query_blurs=(0.0,))
+            if best is None:
+                best = r
+            else:
+                better = r[0] > best[0]
+                best = (np.where(better, r[0], best[0]), np.where(better, r[1], best[1]),
+                        np.where(better[:, None, None], r[2], best[2]))
+        return best
     S = q.shape[-1]
-    ncc, ov, ang, sh = _register_one(q, cands, cand_spec, angles_deg)
+    ncc, ov, ang, sh = _register_one(q, cands, cand_spec, angles_deg, max_shift)
+    max_angle = float(np.abs(angles_deg).max()) if len(angles_deg) else 0.0
     ncc = ncc.double().numpy()
     ov = ov.numpy().astype(np.int64)
     ang, sh = ang.numpy(), sh.numpy()
@@ -209,17 +224,32 @@ def register_one(q, cands, cand_spec, angles_deg, *, refine: bool = True, iters:
         cn = cands.numpy().astype(np.float32)
         for k in range(len(ncc)):
             r = _ecc(np.ascontiguousarray(cn[k]), qn, trans[k], iters, eps, blur)
-            if r is not None and r[0] > ncc[k] and _keeps_overlap(r[1], S):
+            if r is not None and r[0] > ncc[k] and _plausible(r[1], S, max_angle, max_shift):
                 ncc[k], trans[k] = r
     return ncc, ov, trans
 
 
-def _keeps_overlap(m: np.ndarray, size: int) -> bool:
-    """The refined pose still moves the image centre by less than half the image (ECC can drift
-    off onto the empty border, where a handful of pixels correlate perfectly)."""
+def _blurred(q, sigma: float):
+    """q float32 [S, S] smoothed by a Gaussian of ``sigma`` px (cv2), renormalised; sigma 0: q."""
+    import cv2
+    import torch
+
+    if sigma <= 0:
+        return q
+    x = cv2.GaussianBlur(np.ascontiguousarray(q.numpy()), (0, 0), float(sigma), borderType=cv2.BORDER_REPLICATE)
+    x = x - x.mean()
+    return torch.from_numpy(x / (np.linalg.norm(x) + 1e-8))
+
+
+def _plausible(m: np.ndarray, size: int, max_angle: float, max_shift: float) -> bool:
+    """The refined pose stays inside the searched range (rotation <= max_angle + 2 degrees, centre
+    moved by <= max_shift of the side + 1 px): a free optimiser would otherwise fit unrelated
+    images better by turning / sliding them further than any copy transform does."""
     c = (size - 1) / 2.0
     x, y = m @ np.array([c, c, 1.0])
-    return abs(x - c) < size * (1 - MIN_OVERLAP) and abs(y - c) < size * (1 - MIN_OVERLAP)
+    ang = abs(math.degrees(math.atan2(m[1, 0], m[0, 0])))
+    lim = max_shift * size + 1.0
+    return ang <= max_angle + 2.0 and abs(x - c) <= lim and abs(y - c) <= lim
 
 
 def register_candidates(queries: GridSet, keys: GridSet, candidates, *, max_angle: float = DEFAULT_MAX_ANGLE,
