@@ -494,6 +494,7 @@ def _register_describe(sets) -> dict:
             "registration": {"angles": [-VR.DEFAULT_MAX_ANGLE, VR.DEFAULT_MAX_ANGLE, VR.DEFAULT_ANGLE_STEP],
                              "shift": "phase correlation", "refine": "cv2.findTransformECC (euclidean)",
                              "ecc_iters": VR.DEFAULT_ECC_ITERS, "ecc_blur": VR.DEFAULT_ECC_BLUR,
+                             "query_blurs": list(VR.DEFAULT_QUERY_BLURS), "max_shift": VR.DEFAULT_MAX_SHIFT,
                              "min_overlap": VR.MIN_OVERLAP},
             "score": "-log(1 - aligned ncc)"}
 

@@ -174,7 +174,11 @@ def score_of(ncc):
 
 DEFAULT_ECC_ITERS = 50
 DEFAULT_ECC_EPS = 1e-5
-DEFAULT_ECC_BLUR = 3  # Gaussian filter (pixels, odd) ECC applies to both images: tolerates the replica's blur
+DEFAULT_ECC_BLUR = 1  # Gaussian filter (pixels, odd) ECC applies to both images (1: none)
+# degradation search: the query (real image) is also tried smoothed by these Gaussians (px of the
+# grid), since a copy is a blurred version of its source, not the other way round; a symmetric
+# blur of both (ECC's filter) cannot undo that (measured on the DDPM copies data: README)
+DEFAULT_QUERY_BLURS = (0.0, 0.5, 0.8, 1.1)
 
 
 def _ecc(cand: np.ndarray, query: np.ndarray, m_q2c: np.ndarray, iters: int, eps: float, blur: int):
@@ -254,7 +258,7 @@ def _plausible(m: np.ndarray, size: int, max_angle: float, max_shift: float) -> 
 
 def register_candidates(queries: GridSet, keys: GridSet, candidates, *, max_angle: float = DEFAULT_MAX_ANGLE,
                         angle_step: float = DEFAULT_ANGLE_STEP, refine: bool = True, blur: int = DEFAULT_ECC_BLUR,
-                        threads: int | None = None, on_query=None) -> dict:
+                        query_blurs=DEFAULT_QUERY_BLURS, threads: int | None = None, on_query=None) -> dict:
     """Re-score each query's candidate list by registration.
 
     candidates int64 [Q, K] (indices into ``keys``; -1 = none).  Returns numpy arrays: ``values``
@@ -291,7 +295,7 @@ def register_candidates(queries: GridSet, keys: GridSet, candidates, *, max_angl
         if len(cq):
             ci = torch.as_tensor(cq)
             ncc, ov, tr = register_one(qimg[q], kimg[ci], torch.stack([spec[int(c)] for c in cq]), ang,
-                                       refine=refine, blur=blur)
+                                       refine=refine, blur=blur, query_blurs=tuple(query_blurs))
             s = score_of(torch.as_tensor(ncc)).numpy()
             order = np.argsort(-s, kind="stable")
             m = len(cq)

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from conftest import write_png
@@ -77,17 +76,17 @@ def test_register_candidates_is_deterministic_and_threads_agree():
 
 
 def test_cli_simmatrix_verify_with_pixel_grids(tmp_path):
-    root = _layout(tmp_path / "dev", size=96)
+    root = _layout(tmp_path / "dev", size=64)
     runner = CliRunner()
     _ok(runner.invoke(app, ["embed", str(root), "-o", str(tmp_path / "pix"), "--backbone", "pixels", "-q", "--workers", "0"]))
     _ok(runner.invoke(app, ["embed", str(root), "-o", str(tmp_path / "grid"), "--backbone", "pixels", "-q",
-                            "--workers", "0", "--image-size", "48"]))
+                            "--workers", "0", "--image-size", "32"]))
     _ok(runner.invoke(app, ["simmatrix", str(tmp_path / "pix"), "-o", str(tmp_path / "sim"), "-q",
                             "--verify", str(tmp_path / "grid"), "--verify-k", "0"]))
     sim = read_artifact(tmp_path / "sim", kind="similarity")
     t, prov = sim.tensors, sim.provenance["verify"]
     R = len(sim.table)
-    assert prov["method"] == "register" and prov["local"]["size"] == 48 and prov["score"].startswith("-log")
+    assert prov["method"] == "register" and prov["local"]["size"] == 32 and prov["score"].startswith("-log")
     assert t["verify_real_values"].shape == (R, 6) and t["verify_realref_values"].shape == (R, R - 1)
     gen_ids = read_artifact(tmp_path / "pix").table["image_id"].to_numpy()[t["gen_rows"].numpy()]
     ids = list(sim.table["image_id"])
@@ -97,25 +96,20 @@ def test_cli_simmatrix_verify_with_pixel_grids(tmp_path):
 
     bm = best_matches(tmp_path / "sim").set_index("image_id")
     assert bm.loc["m1", "gen_image_id"] == "rep1" and abs(bm.loc["m1", "angle"] - 6.0) < 2.0
-    assert bm.loc["m1", "frame"] == 48
+    assert bm.loc["m1", "frame"] == 32
     for attack in ("verify_max", "verify_cal"):
         out = _ok(runner.invoke(app, ["predict", str(tmp_path / "sim"), "-o", str(tmp_path / attack), "--attack",
                                       attack, "--balanced", "-q"]))
         sc = read_artifact(out, kind="scores").table.set_index("image_id")["score"]
         assert sc[["m0", "m1"]].min() > sc[[x for x in ids if x.startswith("n")]].max()
-    _ok(runner.invoke(app, ["simmatrix", str(tmp_path / "pix"), "-o", str(tmp_path / "sim2"), "-q",
-                            "--verify", str(tmp_path / "grid"), "--verify-k", "0"]))
-    s2 = read_artifact(tmp_path / "sim2")
-    for name in sim.tensors:
-        assert torch.equal(sim.tensor(name), s2.tensor(name)), name
 
 
 def test_mismatched_grids_are_one_line_errors(tmp_path):
     root = _layout(tmp_path / "dev", n_members=2, n_non=2, n_unrel=1, size=64)
     runner = CliRunner()
     for name, extra in (("pix", []), ("g32", ["--image-size", "32"]), ("g16", ["--image-size", "16"]),
-                        ("res", ["--backbone", "test_resnet", "--weights", "none"])):
-        bb = [] if name == "res" else ["--backbone", "pixels"]
+                        ("res", ["--backbone", "pixels_aligned"])):
+        bb = [] if name == "res" else ["--backbone", "pixels"]  # pixels_aligned grids are not image grids
         _ok(runner.invoke(app, ["embed", str(root), "-o", str(tmp_path / name), "-q", "--workers", "0", *bb, *extra]))
     cases = [(["--verify", str(tmp_path / "res")], "cannot verify"),
              (["--verify", str(tmp_path / "g32"), "--verify", str(tmp_path / "g16")], "different sizes")]
