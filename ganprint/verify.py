@@ -25,6 +25,9 @@ Public API (library first; ``ganprint simmatrix --verify`` calls :func:`verify_f
 - :func:`verify_candidates` queries x their candidate lists -> :class:`Verified` (values [Q, K]
   descending, indices [Q, K], matches [Q, K], transform [Q, 2, 3] of each query's best match).
 - :func:`verify_for_similarity` the similarity-artifact tensors ``verify_*`` (docs/ARTIFACTS.md).
+- :data:`VERIFY_METHODS` / :func:`register_verify_method`: how ``--verify`` artifacts are read and
+  scored, resolved from their kind (:func:`method_for`): ``ransac`` (local features, this module) and
+  ``register`` (raw-pixel grids: :mod:`ganprint.verify_register`).
 - :func:`best_matches` a verified similarity artifact -> one row per real image: its best verified
   generated image (id, path), inliers, matches and the fitted rotation / scale / shift (for a
   report's evidence gallery).

@@ -4,9 +4,11 @@ Local features (:mod:`ganprint.verify`) need local structure; a generator that w
 and is up-sampled has none, and SIFT on such images is at chance.  Registration works at the
 image's own (low) resolution: the query is rotated through a small grid of angles (default
 +-12 degrees in 4 degree steps), the shift between each rotated query and each candidate comes from
-phase correlation (the peak of the inverse FFT of the normalised cross-power spectrum), and the
-pair is scored by the normalised cross-correlation (NCC) of the candidate and the query moved by
-that rotation + shift, over the pixels where both are defined.
+phase correlation (the peak of the inverse FFT of the normalised cross-power spectrum, batched
+torch FFTs), the pose is refined by ECC (``cv2.findTransformECC``, rotation + shift, kept only
+inside the searched range), and the pair is scored by the normalised cross-correlation (NCC) of
+the candidate and the query moved by that pose, over the pixels where both are defined.  The query
+is also tried smoothed (:data:`DEFAULT_QUERY_BLURS`): a copy is a blurred version of its source.
 
 Score: ``-log(1 - ncc)``.  For zero-mean unit-norm images, ``1 - ncc`` is half the squared
 residual between them, so the score is minus the log residual energy: a copy (residual a few
@@ -17,10 +19,11 @@ Input: a ``pixels`` embeddings artifact (``ganprint embed --backbone pixels --im
 the S x S gray image, zero-mean, unit-norm, row-major), so images are decoded once, by embed,
 and the artifact's manifest / provenance contract holds.  Shapes: images float32 [N, S, S].
 
-Public API: :func:`register_pair` two images -> :class:`ganprint.verify.Match` (``inliers`` is the
-score, ``transform`` maps the query's pixels to the candidate's, in the S x S frame);
-:func:`register_candidates` queries x candidate lists -> :class:`ganprint.verify.Verified`
-(values = scores, matches = overlap pixels of the best alignment).
+Public API: :func:`register_images` two decoded images -> (score, transform [2, 3] mapping the
+first image's pixels to the second's, in the S x S frame); :func:`register_candidates` queries x
+candidate lists -> numpy ``values`` (scores, descending), ``indices``, ``matches`` (overlap pixels
+of the coarse alignment), ``transform`` (best pair's); :func:`load_grids` reads the artifacts.
+``ganprint.verify`` registers this as the ``register`` verification method.
 """
 
 from __future__ import annotations
