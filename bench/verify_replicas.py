@@ -1,6 +1,6 @@
 """Pair-level check of geometric verification on a dataset with known replicas.
 
-    python bench/verify_replicas.py DATA [--backbone pixels] [--k 50] [--work DIR]
+    python bench/verify_replicas.py DATA [--backbone pixels] [--k 50] [--work DIR] [--local sift|register16]
 
 DATA: a ``ganprint synth --copies F`` output (``dev/``, ``test/``, ``replicas.csv``).  All real images
 (dev real_used + real_not_used, test real_unknown) are the queries and all generated images (dev +
@@ -29,7 +29,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data")
     ap.add_argument("--backbone", default="pixels", help="global descriptor that shortlists")
-    ap.add_argument("--local", default="sift")
+    ap.add_argument("--local", default="sift", help="sift / orb (local features + RANSAC), or registerS "
+                    "(registration on S px raw-pixel grids, e.g. register16; register = register32)")
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--max-keypoints", type=int, default=400)
     ap.add_argument("--image-size", type=int, default=256, help="size local features are extracted at")
@@ -45,7 +46,7 @@ def main() -> int:
     from ganprint.metrics import load_truth
     from ganprint.similarity import topk_search
     from ganprint.synth.replicas import read_replicas
-    from ganprint.verify import load_local_sets, lookup, verify_candidates
+    from ganprint.verify import DEFAULT_RATIO, DEFAULT_REPROJ, VERIFY_METHODS
 
     data = Path(args.data)
     reps = read_replicas(data)
@@ -59,12 +60,16 @@ def main() -> int:
     for split in ("dev", "test"):
         glob[split] = read_artifact(run_embed([str(data / split)], work / f"{args.backbone}_{split}",
                                               backbone=args.backbone, progress=False).base)
-        loc[split] = run_embed([str(data / split)], work / f"{args.local}{args.image_size}_{split}",
-                               backbone=args.local, max_keypoints=args.max_keypoints, image_size=args.image_size,
-                               skip_bad=True,
-                               progress=False).base
+        if args.local.startswith("register"):  # raw-pixel grids of that size
+            loc[split] = run_embed([str(data / split)], work / f"{args.local}_{split}", backbone="pixels",
+                                   image_size=int(args.local[8:] or 32), progress=False).base
+        else:
+            loc[split] = run_embed([str(data / split)], work / f"{args.local}{args.image_size}_{split}",
+                                   backbone=args.local, max_keypoints=args.max_keypoints,
+                                   image_size=args.image_size, skip_bad=True, progress=False).base
     t_embed = time.perf_counter() - t0
-    sets = load_local_sets([str(loc["dev"]), str(loc["test"])])
+    method = VERIFY_METHODS["register" if args.local.startswith("register") else "ransac"]
+    sets = method.load([str(loc["dev"]), str(loc["test"])])
 
     def side(role):
         embs, keys, tabs = [], [], []
@@ -73,13 +78,13 @@ def main() -> int:
             sub = a.table["subset"].astype(str)
             rows = np.flatnonzero(sub.str.startswith("real_") if role == "real" else (sub == "generated"))
             embs.append(a.tensor("embeddings")[torch.as_tensor(rows)])
-            tabs.append(lookup(sets, a.table, rows, role, f"{a.base}"))
+            tabs.append((a.table, rows))
             keys += [(split, i) for i in a.table["image_id"].astype(str).to_numpy()[rows]]
-        ls = tabs[0]
-        for t in tabs[1:]:
-            ls = type(ls)(np.concatenate([ls.keypoints, t.keypoints]), np.concatenate([ls.descriptors, t.descriptors]),
-                          np.concatenate([ls.counts, t.counts]), ls.norm)
-        return torch.cat(embs), ls, keys
+        import pandas as pd
+
+        # one manifest for both splits, so the method's lookup lines its rows up in one go
+        tab = pd.concat([t.iloc[r] for t, r in tabs], ignore_index=True)
+        return torch.cat(embs), method.lookup(sets, tab, np.arange(len(tab)), role, "global"), keys
 
     real_e, real_l, real_keys = side("real")
     gen_e, gen_l, gen_keys = side("generated")
@@ -87,7 +92,7 @@ def main() -> int:
     t1 = time.perf_counter()
     short, _, _ = topk_search(real_e, gen_e, k)
     cand = short.indices.numpy()
-    v = verify_candidates(real_l, gen_l, cand)
+    v = method.run(real_l, gen_l, cand, {"ratio": DEFAULT_RATIO, "reproj": DEFAULT_REPROJ})
     t_verify = time.perf_counter() - t1
 
     real_pos = {key: i for i, key in enumerate(real_keys)}

@@ -18,6 +18,9 @@ Prints pairs/s of both (wall clock, and per CPU-second of this process: on a sha
 wall clock also counts time spent waiting for a core; the load average is printed), their ratio, the agreement of inlier counts, the time that 1,000 real images
 x K would take, and (with ``--data``) the share of verification in the whole pipeline
 (embed pixels_aligned + embed sift + simmatrix --verify).
+
+``--register 16,32``: also the registration verifier (:mod:`ganprint.verify_register`, on raw-pixel
+grids of those sizes) on the same pairs: pairs/s wall and per CPU-second, per grid size.
 """
 
 from __future__ import annotations
@@ -104,6 +107,22 @@ def pipeline_share(args, seconds_per_pair: float):
             "verify_share_of_pipeline": round((t_verify - t_plain) / (t_embed + t_verify), 3)}
 
 
+def register_rows(real, gen, cand, size: int, threads: int) -> dict:
+    """Registration verifier on the same query x candidate pairs at ``size`` px: pairs/s."""
+    import numpy as np
+
+    from ganprint.verify_register import GridSet, grid_of, register_candidates
+
+    q = GridSet(np.stack([grid_of(x, size) for x in real]))
+    keys = GridSet(np.stack([grid_of(x, size) for x in gen]))
+    t, c = time.perf_counter(), time.process_time()
+    register_candidates(q, keys, cand, threads=threads)
+    t_reg, c_reg = time.perf_counter() - t, time.process_time() - c
+    return {f"register{size}_pairs_per_s": round(cand.size / t_reg, 1),
+            f"register{size}_pairs_per_cpu_s": round(cand.size / c_reg, 1),
+            f"register{size}_seconds_for_1000_x_k": round(1000 * cand.shape[1] / (cand.size / t_reg), 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="ImageCLEF-layout folder (default: phantoms)")
@@ -114,6 +133,7 @@ def main() -> int:
     ap.add_argument("--max-keypoints", type=int, default=400)
     ap.add_argument("--baseline-queries", type=int, default=20)
     ap.add_argument("--no-pipeline", action="store_true", help="skip the pipeline-share measurement")
+    ap.add_argument("--register", default="", help="grid sizes for the registration verifier, e.g. 16,32")
     args = ap.parse_args()
 
     import cv2
@@ -159,6 +179,8 @@ def main() -> int:
         "seconds_for_1000_x_k": round(1000 * k / pairs_ours, 1),
         "target_2000_pairs_per_s": pairs_ours >= 2000,
     }
+    for size in [int(v) for v in args.register.split(",") if v]:
+        res.update(register_rows(real, gen, cand, size, args.threads))
     if args.data is not None and not args.no_pipeline:
         res.update(pipeline_share(args, 1.0 / pairs_ours))
     print(json.dumps(res, indent=2))

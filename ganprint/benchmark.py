@@ -74,8 +74,11 @@ def add_verified(fs: FeatureSet, root: Path, work: Path, kind: str = "sift", k: 
     from ganprint.embed import run_embed
     from ganprint.similarity import run_simmatrix
 
-    local = {split: run_embed([str(Path(root) / split)], work / f"{kind}_{split}", backbone=kind,
-                              max_keypoints=max_keypoints, progress=progress).base for split in ("dev", "test")}
+    # "register" / "register16": registration on raw-pixel grids (default 32 px); else local features
+    how = ({"backbone": "pixels", "image_size": int(kind[8:] or 32)} if kind.startswith("register")
+           else {"backbone": kind, "max_keypoints": max_keypoints})
+    local = {split: run_embed([str(Path(root) / split)], work / f"{kind}_{split}", **how, progress=progress).base
+             for split in ("dev", "test")}
     name = f"{fs.name}+verify({kind})"
     out = FeatureSet(name, fs.dev, fs.test, extra={"local": local})
     tag = name.replace("(", "_").replace(")", "").replace("+", "_")

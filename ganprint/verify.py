@@ -25,6 +25,9 @@ Public API (library first; ``ganprint simmatrix --verify`` calls :func:`verify_f
 - :func:`verify_candidates` queries x their candidate lists -> :class:`Verified` (values [Q, K]
   descending, indices [Q, K], matches [Q, K], transform [Q, 2, 3] of each query's best match).
 - :func:`verify_for_similarity` the similarity-artifact tensors ``verify_*`` (docs/ARTIFACTS.md).
+- :data:`VERIFY_METHODS` / :func:`register_verify_method`: how ``--verify`` artifacts are read and
+  scored, resolved from their kind (:func:`method_for`): ``ransac`` (local features, this module) and
+  ``register`` (raw-pixel grids: :mod:`ganprint.verify_register`).
 - :func:`best_matches` a verified similarity artifact -> one row per real image: its best verified
   generated image (id, path), inliers, matches and the fitted rotation / scale / shift (for a
   report's evidence gallery).
@@ -367,13 +370,14 @@ def json_key(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
-def lookup(sets: list[LocalSet], table, rows, role: str, global_src: str) -> LocalSet:
-    """The local features of ``table``'s ``rows`` (a global embeddings manifest), matched by
-    content sha256; refuse when any image has no local features."""
+def locate(sets, table, rows, role: str, global_src: str, embed_hint: str = "--backbone sift",
+           what: str = "local features") -> list[tuple[int, int]]:
+    """(set, row) of each of ``table``'s ``rows`` (a global embeddings manifest) in ``sets`` (objects
+    with ``.table`` and ``.source``), matched by content sha256; refuse when any image is missing."""
     index: dict[str, tuple[int, int]] = {}
     for si, s in enumerate(sets):
         if s.table is None or "sha256" not in s.table.columns:
-            raise ArtifactError(f"{s.source}: manifest has no sha256 column; re-run `ganprint embed --backbone sift`")
+            raise ArtifactError(f"{s.source}: manifest has no sha256 column; re-run `ganprint embed {embed_hint}`")
         for r, h in enumerate(s.table["sha256"].to_numpy()):
             index.setdefault(str(h), (si, r))
     if "sha256" not in table.columns:
@@ -385,38 +389,168 @@ def lookup(sets: list[LocalSet], table, rows, role: str, global_src: str) -> Loc
         ex = table.iloc[int(np.asarray(rows)[missing[0]])]
         where = ex.get("relpath", ex.get("image_id", "?"))
         raise ArtifactError(
-            f"{global_src}: {len(missing)} of {len(hashes)} {role} images have no local features in "
-            f"{', '.join(s.source for s in sets)} (e.g. {where}); embed the same folders with --backbone sift "
+            f"{global_src}: {len(missing)} of {len(hashes)} {role} images have no {what} in "
+            f"{', '.join(s.source for s in sets)} (e.g. {where}); embed the same folders with {embed_hint} "
             "and pass that artifact to --verify")
+    return found  # type: ignore[return-value]
+
+
+def lookup(sets: list[LocalSet], table, rows, role: str, global_src: str) -> LocalSet:
+    """The local features of ``table``'s ``rows`` (a global embeddings manifest), matched by
+    content sha256; refuse when any image has no local features."""
+    found = locate(sets, table, rows, role, global_src)
     kp = np.stack([sets[si].keypoints[r] for si, r in found]) if found else sets[0].keypoints[:0]
     de = np.stack([sets[si].descriptors[r] for si, r in found]) if found else sets[0].descriptors[:0]
     counts = np.array([sets[si].counts[r] for si, r in found], dtype=np.int64)
     return LocalSet(kp, de, counts, sets[0].norm, None, sets[0].provenance, sets[0].source)
 
 
+# ---------------------------------------------------------------------------------------------
+# verification methods: resolved from the kind of the --verify artifact
+
+
+@dataclass(frozen=True)
+class VerifyMethod:
+    """How ``simmatrix --verify ARTIFACT`` re-scores a shortlist.
+
+    ``accepts(provenance)``: whether this method reads such an artifact; ``load(paths)`` -> sets;
+    ``lookup(sets, table, rows, role, src)`` -> the sets' rows lined up with a global manifest;
+    ``run(queries, keys, candidates, params)`` -> :class:`Verified`; ``describe(sets)`` -> the
+    provenance entries of the method (``score`` names what ``verify_*_values`` hold)."""
+
+    name: str
+    description: str
+    accepts: Any
+    load: Any
+    lookup: Any
+    run: Any
+    describe: Any
+
+
+VERIFY_METHODS: dict[str, VerifyMethod] = {}
+
+
+def register_verify_method(method: VerifyMethod) -> VerifyMethod:
+    if not method.name.isidentifier():
+        raise ValueError(f"verify method name {method.name!r} must be an identifier")
+    if method.name in VERIFY_METHODS:
+        raise ValueError(f"verify method {method.name!r} is already registered")
+    for f in ("accepts", "load", "lookup", "run", "describe"):
+        if not callable(getattr(method, f)):
+            raise ValueError(f"verify method {method.name!r}: {f} must be callable")
+    VERIFY_METHODS[method.name] = method
+    return method
+
+
+def method_for(path) -> VerifyMethod:
+    """The verification method that reads the artifact ``path`` (by its provenance)."""
+    from ganprint.artifacts import TENSOR_SUFFIX, artifact_base, read_provenance
+
+    prov = read_provenance(path)
+    ok = [m for m in VERIFY_METHODS.values() if m.accepts(prov)]
+    if not ok:
+        raise ArtifactError(f"{artifact_base(path)}{TENSOR_SUFFIX}: a '{prov.get('kind')}' artifact "
+                            f"(backbone {prov.get('backbone')}) cannot verify; pass local features (`embed "
+                            "--backbone sift`) or raw-pixel grids (`embed --backbone pixels`, registration)")
+    return ok[0]
+
+
+def _ransac_describe(sets) -> dict:
+    p0 = sets[0].provenance or {}
+    return {"detector": (p0.get("local") or {}).get("detector"), "local": p0.get("local"), "min_matches": MIN_MATCHES,
+            "ransac": {"method": "cv2.estimateAffinePartial2D", "max_iters": RANSAC_ITERS,
+                       "confidence": RANSAC_CONFIDENCE}, "score": "ransac_inliers"}
+
+
+register_verify_method(VerifyMethod(
+    "ransac", "local descriptors, ratio test, RANSAC similarity fit; score = inliers",
+    accepts=lambda prov: prov.get("kind") == "local_features",
+    load=lambda paths: load_local_sets(paths),
+    lookup=lookup,
+    run=lambda q, k, c, p: verify_candidates(q, k, c, ratio=p["ratio"], reproj=p["reproj"]),
+    describe=_ransac_describe,
+))
+
+
+def _register_lookup(sets, table, rows, role, src):
+    from ganprint.verify_register import GridSet
+
+    found = locate(sets, table, rows, role, src, "--backbone pixels --image-size S", "pixel grids")
+    imgs = (np.stack([sets[si].images[r] for si, r in found]) if found else sets[0].images[:0])
+    return GridSet(imgs, None, sets[0].provenance, sets[0].source)
+
+
+def _register_run(q, k, c, p):
+    import torch
+
+    from ganprint.verify_register import register_candidates
+
+    out = register_candidates(q, k, c)
+    return Verified(*(torch.from_numpy(out[n]) for n in ("values", "indices", "matches", "transform")))
+
+
+def _register_describe(sets) -> dict:
+    from ganprint import verify_register as VR
+
+    size = int(sets[0].images.shape[-1])
+    return {"detector": "register", "local": {"detector": "register", "size": size},
+            "registration": {"angles": [-VR.DEFAULT_MAX_ANGLE, VR.DEFAULT_MAX_ANGLE, VR.DEFAULT_ANGLE_STEP],
+                             "shift": "phase correlation", "refine": "cv2.findTransformECC (euclidean)",
+                             "ecc_iters": VR.DEFAULT_ECC_ITERS, "ecc_blur": VR.DEFAULT_ECC_BLUR,
+                             "query_blurs": list(VR.DEFAULT_QUERY_BLURS), "max_shift": VR.DEFAULT_MAX_SHIFT,
+                             "min_overlap": VR.MIN_OVERLAP},
+            "score": "-log(1 - aligned ncc)"}
+
+
+def _accepts_grid(prov) -> bool:
+    from ganprint.verify_register import BACKBONES
+
+    return prov.get("kind") == "embeddings" and prov.get("backbone") in BACKBONES
+
+
+register_verify_method(VerifyMethod(
+    "register", "rotation search + phase correlation + ECC; score = -log(1 - NCC after alignment)",
+    accepts=_accepts_grid,
+    load=lambda paths: __import__("ganprint.verify_register", fromlist=["load_grids"]).load_grids(paths),
+    lookup=_register_lookup,
+    run=_register_run,
+    describe=_register_describe,
+))
+
+
 @dataclass
 class VerifyInputs:
-    """Local features of the generated [G], real [R] and reference [M] (or None) images of one
-    similarity computation, row-aligned with the global embeddings (see :func:`prepare_verification`)."""
+    """Local features (or image grids) of the generated [G], real [R] and reference [M] (or None)
+    images of one similarity computation, row-aligned with the global embeddings (see
+    :func:`prepare_verification`); ``method`` the :class:`VerifyMethod` that reads them."""
 
-    gen: LocalSet
-    real: LocalSet
-    ref: LocalSet | None
+    gen: Any
+    real: Any
+    ref: Any
     sets: list
+    method: Any = None
 
 
 def prepare_verification(verify_paths, *, gen_table, gen_rows, real_table, real_rows, ref_table=None,
                          ref_rows=None, gen_src: str = "generated", real_src: str = "real",
                          ref_src: str = "reference", k: int = DEFAULT_K) -> VerifyInputs:
-    """Load the local-features artifacts and line them up (by content sha256) with the global
-    embeddings' rows; every refusal happens here, before any search runs."""
+    """Load the --verify artifacts and line them up (by content sha256) with the global embeddings'
+    rows; the method follows from the artifacts' kind (:data:`VERIFY_METHODS`: local features ->
+    ``ransac``, raw-pixel grids -> ``register``); every refusal happens here, before any search runs."""
     if k < 0:
         raise GanprintError(f"--verify-k {k}: must be >= 0 (0 verifies every generated image)")
-    sets = load_local_sets(verify_paths)
-    lg = lookup(sets, gen_table, gen_rows, "generated", gen_src)
-    lr = lookup(sets, real_table, real_rows, "real", real_src)
-    lref = None if ref_table is None else lookup(sets, ref_table, ref_rows, "reference", ref_src)
-    return VerifyInputs(lg, lr, lref, sets)
+    if not verify_paths:
+        raise GanprintError("--verify: give at least one local-features artifact (ganprint embed --backbone sift)")
+    methods = {method_for(p).name for p in verify_paths}
+    if len(methods) > 1:
+        raise ArtifactError(f"{verify_paths[0]} and {verify_paths[-1]}: --verify artifacts of different kinds "
+                            f"({', '.join(sorted(methods))}); pass artifacts of one kind")
+    method = VERIFY_METHODS[methods.pop()]
+    sets = method.load(verify_paths)
+    lg = method.lookup(sets, gen_table, gen_rows, "generated", gen_src)
+    lr = method.lookup(sets, real_table, real_rows, "real", real_src)
+    lref = None if ref_table is None else method.lookup(sets, ref_table, ref_rows, "reference", ref_src)
+    return VerifyInputs(lg, lr, lref, sets, method)
 
 
 def verify_for_similarity(inputs: VerifyInputs, *, gen_emb, real_emb, ref_emb=None, ref_exclude=None,
@@ -427,7 +561,8 @@ def verify_for_similarity(inputs: VerifyInputs, *, gen_emb, real_emb, ref_emb=No
     Shortlists: the top-``k`` generated images of each real image in the *global* embeddings
     (``gen_emb`` [G, D], ``real_emb`` [R, D]; ``k`` <= 0 or >= G: all of them), and the top-``k``
     reference images (``ref_emb`` [M, D], ``ref_exclude`` [R] as in similarity; None: the other
-    real images, self excluded).  Each is re-scored by :func:`verify_candidates`.
+    real images, self excluded).  Each is re-scored by ``inputs.method`` (:func:`verify_candidates`
+    for local features, registration for raw-pixel grids).
     ``search``: the global top-k search (``ganprint.similarity.topk_search``), passed in by the caller
     so that this module stays below the similarity stage.
     Returns (tensors, provenance dict)."""
@@ -444,7 +579,9 @@ def verify_for_similarity(inputs: VerifyInputs, *, gen_emb, real_emb, ref_emb=No
         cand = np.tile(np.arange(G), (R, 1))
     n_pairs = R * kg
     out: dict[str, Any] = {}
-    vg = verify_candidates(lr, lg, cand, ratio=ratio, reproj=reproj)
+    method = inputs.method or VERIFY_METHODS["ransac"]
+    params = {"ratio": ratio, "reproj": reproj}
+    vg = method.run(lr, lg, cand, params)
     out["verify_real_values"], out["verify_real_indices"] = vg.values, vg.indices
     out["verify_real_matches"], out["verify_real_transform"] = vg.matches, vg.transform
     # real x reference (or x the other reals, self excluded) for calibrated attacks
@@ -458,19 +595,16 @@ def verify_for_similarity(inputs: VerifyInputs, *, gen_emb, real_emb, ref_emb=No
     if kr >= 1:
         rs, _, _ = search(real_emb, keys_emb, kr, metric=metric, block=block, device=device, exclude=excl)
         rcand = rs.indices.numpy()
-        vr = verify_candidates(lr, lref, rcand, ratio=ratio, reproj=reproj)
+        vr = method.run(lr, lref, rcand, params)
         out["verify_realref_values"], out["verify_realref_indices"] = vr.values, vr.indices
         n_pairs += int((rcand >= 0).sum())
-    p0 = inputs.sets[0].provenance or {}
     prov = {
-        "detector": (p0.get("local") or {}).get("detector"),
-        "local": p0.get("local"),
+        "method": method.name,
+        **method.describe(inputs.sets),
         "artifacts": [{"path": s.source, "pair_id": (s.provenance or {}).get("pair_id"),
                        "inputs_hash": (s.provenance or {}).get("inputs_hash")} for s in inputs.sets],
-        "k": int(kg), "k_requested": int(k), "ratio": ratio, "reproj": reproj, "min_matches": MIN_MATCHES,
-        "ransac": {"method": "cv2.estimateAffinePartial2D", "max_iters": RANSAC_ITERS,
-                   "confidence": RANSAC_CONFIDENCE},
-        "score": "ransac_inliers", "shortlist": "global similarity top-k" if kg < G else "all generated",
+        "k": int(kg), "k_requested": int(k), "ratio": ratio, "reproj": reproj,
+        "shortlist": "global similarity top-k" if kg < G else "all generated",
         "realref": "verify_realref_values" in out, "pairs": int(n_pairs),
     }
     return out, prov

@@ -200,10 +200,10 @@ def test_blank_image_and_mismatched_artifacts_are_one_line_errors(tmp_path):
                             "--verify", str(tmp_path / "sift_other")])
     assert r.exit_code != 0 and "have no local features" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad.safetensors").exists()
-    # a global embeddings artifact is not local features
+    # local features and raw-pixel grids (registration) are not mixed in one --verify
     r = runner.invoke(app, ["simmatrix", str(tmp_path / "pix"), "-o", str(tmp_path / "bad"), "-q",
-                            "--verify", str(tmp_path / "pix")])
-    assert r.exit_code != 0 and "expected 'local_features'" in r.stderr
+                            "--verify", str(tmp_path / "sift"), "--verify", str(tmp_path / "pix")])
+    assert r.exit_code != 0 and "different kinds" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = runner.invoke(app, ["simmatrix", str(tmp_path / "pix"), "-o", str(tmp_path / "bad"), "-q",
                             "--verify", str(tmp_path / "sift"), "--verify-k", "-1"])
     assert r.exit_code != 0 and "--verify-k" in r.stderr

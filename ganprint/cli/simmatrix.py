@@ -35,7 +35,9 @@ def simmatrix(
     realref: bool = typer.Option(True, "--realref/--no-realref", help="Also store each real image's nearest reference/real images."),
     verify: Optional[list[str]] = typer.Option(None, "--verify", help="Local-features artifact(s) of the same images "
                                                "(`embed --backbone sift`): re-score the top --verify-k candidates by "
-                                               "descriptor matching + RANSAC (repeatable)."),
+                                               "descriptor matching + RANSAC; or raw-pixel grids (`embed --backbone "
+                                               "pixels --image-size S`): by registration, NCC after alignment "
+                                               "(repeatable)."),
     verify_k: int = typer.Option(50, "--verify-k", help="Candidates per real image to verify (0: all generated)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the artifact path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No log line."),
