@@ -16,7 +16,10 @@ and options, so a rerun reuses them):
                    present, else the out-of-fold rule of :func:`select_fallback`);
 6. ``pvalues``     conformal p-values against the known non-members' scores (leave-one-out for the
                    non-members themselves), Benjamini-Hochberg flags at ``fdr``;
-7. ``datacopy``    dataset-level verdicts (Meehan et al. 2020's C_T test, memorisation rate);
+7. ``datacopy``    dataset-level verdicts (Meehan et al. 2020's C_T test) and aligned-copy evidence: each
+                   real image's candidate generated images aligned onto it (ECC), its best correlation
+                   tested against the known non-members' (verified copies, BH), the exact copying
+                   test and the memorisation rate built on it (ganprint.datacopy);
 8. ``report``      scores.parquet, submission.csv, report.json, figures and report.html.
 
 Nothing is written until the inputs are checked; the run is built in a hidden sibling folder
