@@ -787,7 +787,10 @@ def _copy_stage(realset: RealSet, gens: dict, inp: AuditInputs, opts: AuditOptio
                "n_above_every_non_member": at_min, "q": opts.fdr, "n_null": ev["n_null"], "min_p": ev["min_p"],
                "cut": ev["cut"], "candidates_per_image": int(cand.shape[1]),
                "statistic": "best ECC correlation (rotation + shift) of the image's candidate generated images",
-               "method": "conformal p-values vs the known non-members' statistic, Benjamini-Hochberg"}
+               "method": "conformal p-values vs the known non-members' statistic, Benjamini-Hochberg",
+               "note": None if inp.test_generated is None else (
+                   "the unknown images are aligned with test/generated, the known non-members with dev/generated: "
+                   "their copy p-values assume both generated sets come from the same generator")}
     tens = {"cand": torch.as_tensor(cand), "cc": torch.as_tensor(cc), "warp": torch.as_tensor(warp),
             "stat": torch.as_tensor(ev["stat"]), "p": torch.as_tensor(ev["p"]), "q": torch.as_tensor(ev["q"]),
             "copy": torch.as_tensor(ev["copy"].astype(np.uint8))}
