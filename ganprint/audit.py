@@ -1226,7 +1226,8 @@ def summary(result: AuditResult) -> dict[str, Any]:
     return {
         "run": str(result.run), "report": str(result.html), "verdict": r["verdict"], "significant": r["significant"],
         "chosen": r["selection"]["chosen"], "nested": r["selection"]["nested"], "flags": r["flags"],
-        "datacopy": {"ct": r["datacopy"]["ct"], "memorisation": r["datacopy"]["memorisation"]},
+        "copying": r.get("copying"),
+        "datacopy": {k: r["datacopy"][k] for k in ("ct", "memorisation", "copy_test", "copies") if k in r["datacopy"]},
         "submission": None if r["submission"] is None else str(result.run / r["submission"]),
         "stages_seconds": r["stages_seconds"], "counts": r["counts"],
     }
