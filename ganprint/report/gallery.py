@@ -28,13 +28,28 @@ def _align(gen, transform, frame: int):
                           borderMode=cv2.BORDER_REPLICATE)
 
 
-def _verify(real_path: str, gen_path: str, kind: str):
-    """(inliers, transform [2, 3] or None, frame px) of the pair by ganprint.verify."""
+def _features(path: str, kind: str, memo: dict):
+    """(keypoints, descriptors) of one image file as ``embed --backbone KIND`` extracts them;
+    memoised, because each card verifies its real image against several generated images."""
     from ganprint.data import load_image
-    from ganprint.local_features import DEFAULT_SIZE
-    from ganprint.verify import verify_images
+    from ganprint.local_features import DEFAULT_MAX_KEYPOINTS, DEFAULT_SIZE, extract, get_local_kind
 
-    m = verify_images(load_image(real_path), load_image(gen_path), kind=kind)
+    key = (path, kind)
+    if key not in memo:
+        memo[key] = extract(load_image(path), get_local_kind(kind), DEFAULT_MAX_KEYPOINTS, DEFAULT_SIZE)
+    return memo[key]
+
+
+def _verify(real_path: str, gen_path: str, kind: str, memo: dict | None = None):
+    """(inliers, transform [2, 3] or None, frame px) of the pair by ganprint.verify (what
+    ``verify_images`` does, with each image's features extracted once)."""
+    from ganprint.local_features import DEFAULT_SIZE, get_local_kind
+    from ganprint.verify import verify_pair
+
+    memo = {} if memo is None else memo
+    ka, da = _features(real_path, kind, memo)
+    kb, db = _features(gen_path, kind, memo)
+    m = verify_pair(ka, da, kb, db, norm=get_local_kind(kind).norm)
     return m.inliers, m.transform, DEFAULT_SIZE
 
 
@@ -113,6 +128,7 @@ def build_gallery(folder: Path, scores_df, real_table, gen_paths: dict[str, list
         return []
     df = scores_df.reset_index(drop=True)
     order, tiers = gallery_order(df, target_role, copies, copy_min_p)
+    memo: dict = {}
     cards = []
     for rank, (i, tier) in enumerate(zip(order[:n], tiers[:n])):
         split = df["split"][i]
@@ -138,7 +154,7 @@ def build_gallery(folder: Path, scores_df, real_table, gen_paths: dict[str, list
         for j, (g, value, vname) in enumerate(shown):
             gen = _thumb(gens[g])
             inl, tr, frame = (None, None, None) if verify_kind is None else _verify(real_table["path"][i], gens[g],
-                                                                                    verify_kind)
+                                                                                    verify_kind, memo)
             ok = tr is not None and np.isfinite(np.asarray(tr, dtype=np.float64)).all()
             align = verify_kind is not None or copies is not None
             warp, start, cc = best_alignment(real, gen, tr if ok else None, frame) if align else (None, None, None)
