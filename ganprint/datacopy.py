@@ -250,12 +250,17 @@ def best_alignment(real, gen, verified=None, frame: int | None = None):
 
 
 def aligned_correlations(real_paths: list[str], gen_paths: list[list[str]], candidates, *,
-                         size: int = STAT_SIZE) -> tuple[Any, Any]:
+                         size: int = STAT_SIZE, threads: int | None = None) -> tuple[Any, Any]:
     """For each real image i and each candidate generated image ``candidates[i, j]`` (an index into
     ``gen_paths[i]``, -1 = none): the ECC correlation after the best Euclidean alignment
-    (:func:`coarse_to_fine` from the identity) of ``size``-px thumbnails.
+    (:func:`coarse_to_fine` from the identity) of ``size``-px thumbnails. Real images run in
+    ``threads`` threads (default: torch's thread count; OpenCV releases the GIL), each pair
+    independent of the others, so the result does not depend on the thread count.
 
     Returns (cc float64 [R, C], NaN where no candidate; warp float64 [R, C, 6], ``size``-px frame)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
     cand = np.asarray(candidates, dtype=np.int64)
@@ -263,15 +268,20 @@ def aligned_correlations(real_paths: list[str], gen_paths: list[list[str]], cand
     cc = np.full((R, C), np.nan)
     warp = np.full((R, C, 6), np.nan)
     cache: dict[str, Any] = {}
+    lock = threading.Lock()
 
     def th(p):
-        if p not in cache:
-            cache[p] = thumbnail(p, size)
-        return cache[p]
+        with lock:
+            hit = cache.get(p)
+        if hit is None:
+            hit = thumbnail(p, size)
+            with lock:
+                cache[p] = hit
+        return hit
 
-    for i in range(R):
+    def row(i):
         if not (cand[i] >= 0).any():
-            continue
+            return
         real = thumbnail(real_paths[i], size)
         for j in range(C):
             g = int(cand[i, j])
@@ -280,6 +290,17 @@ def aligned_correlations(real_paths: list[str], gen_paths: list[list[str]], cand
             c, w = coarse_to_fine(real, th(gen_paths[i][g]), coarse=size // 2)
             if np.isfinite(c):
                 cc[i, j], warp[i, j] = c, w.reshape(-1)
+
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    if threads <= 1:
+        for i in range(R):
+            row(i)
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as ex:
+            list(ex.map(row, range(R)))
     return cc, warp
 
 
