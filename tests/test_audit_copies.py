@@ -100,3 +100,26 @@ def test_audit_of_a_copying_generator_shows_verified_copies_first(tmp_path):
     n_verified = int(scores.verified_copy.sum())
     assert html.count('data-evidence="verified copy"') == min(n_verified, 6) and n_verified <= 5
     assert {f"u_in{i:03d}" for i in range(4)} <= set(scores.loc[scores.verified_copy, "image_id"])
+
+
+def test_aligned_correlations_find_a_shifted_copy_and_ignore_threads(tmp_path):
+    pytest.importorskip("cv2")
+    from scipy.ndimage import shift
+
+    from ganprint.datacopy import aligned_correlations
+    from tests.audit_data import _save, _smooth
+
+    rng = np.random.default_rng(3)
+    real = _smooth(rng, 64)
+    _save(real, tmp_path / "real.png")
+    _save(shift(real, (3, -4), mode="nearest"), tmp_path / "copy.png")  # a shifted copy
+    for i in range(3):
+        _save(_smooth(rng, 64), tmp_path / f"other{i}.png")
+    gens = [str(tmp_path / n) for n in ("other0.png", "copy.png", "other1.png", "other2.png")]
+    cand = np.array([[0, 1, 2, 3, -1], [1, 2, 3, -1, -1], [0, 2, -1, -1, -1]])
+    reals = [str(tmp_path / "real.png"), gens[0], gens[3]]
+    cc1, w1 = aligned_correlations(reals, [gens] * 3, cand, threads=1)
+    cc2, w2 = aligned_correlations(reals, [gens] * 3, cand, threads=2)
+    assert np.array_equal(cc1, cc2, equal_nan=True) and np.array_equal(w1, w2, equal_nan=True)
+    assert np.nanargmax(cc1[0]) == 1 and cc1[0, 1] > 0.97 and np.isnan(cc1[0, 4])
+    assert abs(abs(w1[0, 1, 2]) - 4) < 1 and abs(abs(w1[0, 1, 5]) - 3) < 1  # the shift, in pixels
