@@ -16,6 +16,20 @@
   training distribution give a rate near ``quantile``, which is reported beside it.
 
 Embeddings are L2-normalised first; distances are Euclidean (monotone in cosine).
+
+Aligned-copy evidence (what the audit uses when OpenCV is present):
+
+- :func:`aligned_correlations` — for each real image and each of its candidate generated images,
+  the ECC correlation (OpenCV ``findTransformECC``, Euclidean motion, coarse to fine) after
+  aligning the generated image onto the real one: near 1 for a rotated / shifted / re-contrasted
+  copy, lower for a merely similar image.
+- :func:`copy_evidence` — per image, the best of those correlations, its conformal p-value against
+  the same statistic of the known non-members, Benjamini-Hochberg over the tested images: the
+  *verified copies* (FDR-controlled).
+- :func:`members_copy_test` — exact test of "the generator copies its training set": how many
+  member groups beat every non-member group, p = C(M, k) / C(M + N, k) under exchangeability.
+- :func:`copy_memorisation_rate` — the share of generated images aligned onto a member better than
+  any known non-member is aligned onto any generated image (Wilson CI; a lower bound).
 """
 
 from __future__ import annotations
