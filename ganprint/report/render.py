@@ -208,6 +208,10 @@ def render_html(run: Path, report: dict[str, Any]) -> str:
     mci = mem.get("ci")
     mem_sentence = (f"memorisation rate: {mem['rate']:.1%}{f' [{mci[0]:.1%}, {mci[1]:.1%}]' if mci else ''} "
                     f"of {mem['n_generated']} generated images ({mem['copies']} copies){null}; a copy = {_e(mem['rule'])}.")
+    if report.get("copying") and not (ct["p"] < 0.05 and ct["z"] < 0):
+        ct_sentence += (" C<sub>T</sub> weighs every generated image's nearest-neighbour distance in the global feature "
+                        "space: a generator that copies some training images while the rest of its output lies far "
+                        "from them passes it; the aligned-copy test below looks at the copies themselves.")
     stages = report.get("stages_seconds", {})
     stage_txt = ", ".join(f"{k} {v:.1f}s" + (" (cached)" if report.get("stages_cached", {}).get(k) else "")
                           for k, v in stages.items())
