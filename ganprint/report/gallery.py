@@ -9,8 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ganprint.datacopy import THUMB, best_alignment  # noqa: F401  (re-exported for the report)
-from ganprint.datacopy import ecc_align as _ecc  # noqa: F401
+from ganprint.datacopy import best_alignment
 from ganprint.datacopy import thumbnail as _thumb
 
 
