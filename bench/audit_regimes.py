@@ -6,7 +6,8 @@ regime) whether the evidence gallery's top cards are real replicas with their tr
 Each ROOT is a `ganprint synth` output (dev/, test/, test_truth.csv, replicas.csv when it has
 replicas). For each: the audit's verdict; AUC / kappa of its test scores and labels against
 test_truth.csv; flags and how many of them are members; with replicas.csv: of the top ``--top``
-gallery cards, how many show a member whose replica is among the card's matches, how many of
+gallery cards, how many are verified copies, how many show a member whose replica is among the
+card's matches, how many of
 those have a recovered transform, and the recovered rotation beside the true one.
 """
 
@@ -53,9 +54,12 @@ def main(argv=None) -> int:
         y = np.array([truth[i] for i in unk.image_id])
         m = evaluate(y, unk.label_pred.to_numpy(), unk.score.to_numpy(), bootstrap=500)
         fl = unk.flag.to_numpy(dtype=bool)
+        vc = unk.verified_copy.to_numpy(dtype=bool) if "verified_copy" in unk else np.zeros(len(unk), dtype=bool)
         row = {"root": str(root), "verdict": rep["verdict"], "chosen": rep["selection"]["chosen"],
                "test_auc": m["auc"], "test_auc_ci": m["auc_ci"], "test_kappa": m["kappa"],
                "flagged": int(fl.sum()), "flagged_members": int((fl & (y == 1)).sum()),
+               "verified_copies": int(vc.sum()), "verified_copies_members": int((vc & (y == 1)).sum()),
+               "copy_test": rep["datacopy"].get("copy_test"), "copying": rep.get("copying"),
                "ct_z": rep["datacopy"]["ct"]["z"], "ct_p": rep["datacopy"]["ct"]["p"],
                "memorisation": rep["datacopy"]["memorisation"]["rate"], "report": str(res.html)}
         rep_csv = root / "replicas.csv"
@@ -65,6 +69,7 @@ def main(argv=None) -> int:
             for r in reps:
                 by_src.setdefault(r["source_id"], []).append(r)
             top = rep["gallery"][:a.top]
+            row["top_cards_verified_copy"] = sum(c.get("evidence") == "verified copy" for c in top)
             hits, with_tr, rot = 0, 0, []
             for c in top:
                 mine = {r["image_id"]: r for r in by_src.get(c["image_id"], [])}

@@ -1,7 +1,7 @@
 """Seconds per stage of the default `ganprint audit` on 1,000 generated x 200 real images.
 
     .venv/bin/python bench/audit_time.py [--generated 1000] [--real 200] [--size 256] [--threads 2]
-                                         [--keep DIR] [--backbone B ...]
+                                         [--keep DIR] [--backbone B ...] [--profile FILE]
 
 Data: CT-like phantom slices (ganprint.synth.phantoms, 256 px palette-free gray PNGs). The real
 images are split into members / non-members / unknown (35% / 35% / 30%); the generated set is
@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backbone", action="append", default=None)
     ap.add_argument("--keep", type=Path, default=None, help="Keep data and run here (default: a temp folder).")
     ap.add_argument("--json", type=Path, default=Path("bench/out/audit_time.json"))
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="cProfile the cold run; write its 40 costliest calls (cumulative) and 25 (own time) to this file.")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -89,7 +91,23 @@ def main(argv=None) -> int:
         inp = resolve_inputs(generated=folders["generated"], members=folders["members"],
                              non_members=folders["non_members"], unknown=folders["unknown"])
         c0, w0 = cpu_seconds(), time.perf_counter()
+        prof = None
+        if a.profile is not None and label == "cold":
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         res = run_audit(tmp / "run", inp, opts, progress=False)
+        if prof is not None:
+            import io
+            import pstats
+
+            prof.disable()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(40)
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+            a.profile.parent.mkdir(parents=True, exist_ok=True)
+            a.profile.write_text(buf.getvalue())
         runs.append({"run": label, "wall_s": time.perf_counter() - w0, "cpu_s": cpu_seconds() - c0,
                      "stages_s": res.report["stages_seconds"], "cached": res.report["stages_cached"],
                      "verdict": res.report["verdict"], "chosen": res.report["selection"]["chosen"]})

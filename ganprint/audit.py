@@ -16,7 +16,10 @@ and options, so a rerun reuses them):
                    present, else the out-of-fold rule of :func:`select_fallback`);
 6. ``pvalues``     conformal p-values against the known non-members' scores (leave-one-out for the
                    non-members themselves), Benjamini-Hochberg flags at ``fdr``;
-7. ``datacopy``    dataset-level verdicts (Meehan et al. 2020's C_T test, memorisation rate);
+7. ``datacopy``    dataset-level verdicts (Meehan et al. 2020's C_T test) and aligned-copy evidence: each
+                   real image's candidate generated images aligned onto it (ECC), its best correlation
+                   tested against the known non-members' (verified copies, BH), the exact copying
+                   test and the memorisation rate built on it (ganprint.datacopy);
 8. ``report``      scores.parquet, submission.csv, report.json, figures and report.html.
 
 Nothing is written until the inputs are checked; the run is built in a hidden sibling folder
@@ -264,6 +267,7 @@ class AuditOptions:
     k: int = 10
     verify: bool = True  # local-feature verification (SIFT + RANSAC) when ganprint.verify and OpenCV exist
     verify_k: int = 50  # shortlist per real image (global similarity) re-scored by verification
+    copy_k: int = 10  # nearest generated images per real image and feature space aligned for copy evidence
     local: str = "sift"
     decision: str = "calibrate"  # submission labels: calibrate (kappa cut on the labelled images) | fdr
     device: str = "auto"
@@ -292,6 +296,8 @@ class AuditOptions:
             get_backbone(b)
         if self.verify_k < 1:
             raise GanprintError(f"--verify-k {self.verify_k}: must be at least 1")
+        if self.copy_k < 1:
+            raise GanprintError(f"--copy-k {self.copy_k}: must be at least 1")
 
     def global_backbones(self) -> tuple[str, ...]:
         return tuple(b for b in self.backbones if not _is_local(b))
@@ -310,6 +316,12 @@ def _is_local(name: str) -> bool:
     except ImportError:
         return False
     return is_local(name)
+
+
+def _cv2_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("cv2") is not None
 
 
 def verify_available() -> bool:
@@ -701,28 +713,88 @@ def _candidates(realset: RealSet, gens: dict, inp: AuditInputs, opts: AuditOptio
     return np.stack(rows), names, nn, verify_info, notes
 
 
-def _verified_nn_inliers(embs, kind, tab, real_emb, gen_emb, members, nonmem, k: int = 10):
-    """Most RANSAC inliers of each dev generated image [G] and of each known non-member [N]
-    against the members, over their top-k members by global similarity."""
+def _copy_candidates(realset: RealSet, gens: dict, inp: AuditInputs, opts: AuditOptions, extra=None):
+    """int64 [R, C]: each real image's candidate generated images (indices into its split's
+    generated set, -1 = none): its ``opts.copy_k`` nearest by cosine in every global feature
+    space, plus ``extra`` [R, c] (the verified matches), duplicates removed."""
     import numpy as np
+    import torch
 
     from ganprint.similarity import topk_search
-    from ganprint.verify import lookup, verify_candidates
 
-    local = _local_sets(embs, kind)
-    sets = [local[r] for r in REAL_ROLES if r in local]
-    real_local = lookup(sets, tab, np.arange(len(tab)), "real", "audit")
-    mem_local = real_local.subset(members.numpy())
-    gtab = _load_embeddings(embs[next(b for b in embs if not _is_local(b))]["generated"])[1]
-    gen_local = lookup([local["generated"]], gtab, np.arange(len(gtab)), "generated", "audit")
-    keys = real_emb[members]
-    kk = min(k, len(keys))
-    out = []
-    for q_local, q_emb in ((gen_local, gen_emb), (real_local.subset(nonmem.numpy()), real_emb[nonmem])):
-        short, _, _ = topk_search(q_emb, keys, kk, metric="cosine", device="cpu")
-        v = verify_candidates(q_local, mem_local, short.indices.numpy())
-        out.append(np.asarray(v.values)[:, 0])
-    return out[0], out[1]
+    R = len(realset.table)
+    cols = []
+    for bb in opts.global_backbones():
+        idx = np.full((R, opts.copy_k), -1, dtype=np.int64)
+        for role, mask in _generated_for(realset, inp):
+            rows_ = np.flatnonzero(mask)
+            gen = gens[bb][role]
+            kk = min(opts.copy_k, len(gen))
+            if len(rows_) == 0 or kk == 0:
+                continue
+            res, _, _ = topk_search(realset.emb[bb][torch.as_tensor(rows_)], gen, kk, metric="cosine", device="cpu")
+            idx[rows_, :kk] = res.indices.numpy()
+        cols.append(idx)
+    if extra is not None:
+        cols.append(np.asarray(extra, dtype=np.int64))
+    cand = np.concatenate(cols, axis=1)
+    out = np.full_like(cand, -1)
+    for i in range(R):
+        u = list(dict.fromkeys(int(c) for c in cand[i] if c >= 0))
+        out[i, :len(u)] = u
+    width = max(1, int((out >= 0).sum(1).max()))
+    return out[:, :width]
+
+
+def _gen_paths(embs: dict, opts: AuditOptions) -> dict[str, list[str]]:
+    first = opts.global_backbones()[0]
+    return {role: [str(p) for p in _load_embeddings(embs[first][role])[1]["path"]]
+            for role in ("generated", "test_generated") if role in embs[first]}
+
+
+def _copy_stage(realset: RealSet, gens: dict, inp: AuditInputs, opts: AuditOptions, embs: dict, ctens: dict,
+                target_role: str, groups):
+    """Aligned-copy verification of every real image (see ganprint.datacopy.copy_evidence) and
+    the dataset-level copying test and memorisation rate built on it. Returns (tensors, meta)."""
+    import numpy as np
+    import torch
+
+    from ganprint.datacopy import aligned_correlations, copy_evidence, copy_memorisation_rate, members_copy_test
+
+    tab = realset.table
+    kind = opts.local_kind()
+    extra = ctens.get(f"nn_idx.{kind}") if kind else None
+    cand = _copy_candidates(realset, gens, inp, opts, None if extra is None else extra.numpy())
+    gp = _gen_paths(embs, opts)
+    role_of = {"dev": "generated", "test": "test_generated" if "test_generated" in gp else "generated"}
+    per_row = [gp[role_of[s]] for s in tab["split"]]
+    cc, warp = aligned_correlations(tab["path"].tolist(), per_row, cand)
+    role = tab["role"].to_numpy()
+    mem, non = np.flatnonzero(role == "members"), np.flatnonzero(role == "non_members")
+    target = np.flatnonzero(role == target_role)
+    ev = copy_evidence(cc, non, target, opts.fdr)
+    lab_rows = np.flatnonzero(tab["label"].notna().to_numpy())
+    gpos = {int(r): i for i, r in enumerate(lab_rows)}
+    g = None if groups is None else np.asarray(groups)
+    test = members_copy_test(ev["stat"][mem], ev["stat"][non],
+                             None if g is None else g[[gpos[int(r)] for r in mem]],
+                             None if g is None else g[[gpos[int(r)] for r in non]])
+    dev_gen = len(gp["generated"])
+    memo = copy_memorisation_rate(cc[mem], cand[mem], dev_gen, ev["cut"])
+    n_t = len(target)
+    at_min = int((ev["p"][target] <= ev["min_p"] + 1e-12).sum()) if n_t else 0
+    summary = {"set": target_role, "n_tested": int(n_t), "n_verified": int(ev["copy"][target].sum()),
+               "n_above_every_non_member": at_min, "q": opts.fdr, "n_null": ev["n_null"], "min_p": ev["min_p"],
+               "cut": ev["cut"], "candidates_per_image": int(cand.shape[1]),
+               "statistic": "best ECC correlation (rotation + shift) of the image's candidate generated images",
+               "method": "conformal p-values vs the known non-members' statistic, Benjamini-Hochberg",
+               "note": None if inp.test_generated is None else (
+                   "the unknown images are aligned with test/generated, the known non-members with dev/generated: "
+                   "their copy p-values assume both generated sets come from the same generator")}
+    tens = {"cand": torch.as_tensor(cand), "cc": torch.as_tensor(cc), "warp": torch.as_tensor(warp),
+            "stat": torch.as_tensor(ev["stat"]), "p": torch.as_tensor(ev["p"]), "q": torch.as_tensor(ev["q"]),
+            "copy": torch.as_tensor(ev["copy"].astype(np.uint8))}
+    return tens, {"copy_test": test, "memorisation": memo, "copies": summary}
 
 
 def _ecdf_position(ref_sorted, s):
@@ -879,12 +951,23 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def copying_significant(rep: dict[str, Any], alpha: float = 0.01) -> bool:
+    """The dataset-level copying test (ganprint.datacopy.members_copy_test) rejects at ``alpha``."""
+    ct = (rep.get("datacopy") or {}).get("copy_test")
+    return bool(ct is not None and ct["p"] < alpha)
+
+
 def verdict_sentence(rep: dict[str, Any], alpha: float = 0.01) -> tuple[str, bool]:
-    """(one sentence with the numbers, significant?). Significant = the chosen procedure's pooled
-    out-of-fold scores rank members above non-members (one-sided Mann-Whitney p < alpha over
-    near-duplicate groups, see ``ganprint.groups``; each fold's scores come from a procedure fitted
-    without that fold's groups, so under no signal the classes are exchangeable). The nested-CV AUC and its CI are shown beside it. Flags are reported, not
-    used: under no signal BH may still flag an image with probability up to the FDR level."""
+    """(one sentence with the numbers, membership significant?). Membership is significant when the
+    chosen procedure's pooled out-of-fold scores rank members above non-members (one-sided
+    Mann-Whitney p < alpha over near-duplicate groups, see ``ganprint.groups``; each fold's scores
+    come from a procedure fitted without that fold's groups, so under no signal the classes are
+    exchangeable). The nested-CV AUC and its CI are shown beside it. Flags are reported, not used:
+    under no signal BH may still flag an image with probability up to the FDR level.
+
+    Copying is judged apart (:func:`copying_significant`, same ``alpha``): a generator that emits
+    copies of some training images leaks them even when the membership of a typical image cannot
+    be told; when the copying test rejects, the sentence starts with it."""
     sel = rep["selection"]["nested"]
     fl = rep["flags"]
     auc, ci, p = sel.get("auc"), sel.get("auc_ci"), sel.get("p_value")
@@ -892,10 +975,25 @@ def verdict_sentence(rep: dict[str, Any], alpha: float = 0.01) -> tuple[str, boo
     p_txt = "" if p is None else f" (out-of-fold rank test p = {p:.2g})"
     what = "unknown" if fl["set"] == "unknown" else "member"
     flag_txt = f"{fl['n_flagged']} of {fl['n_tested']} {what} images flagged at FDR {fl['q'] * 100:g}%"
+    dc = rep.get("datacopy") or {}
+    cp = dc.get("copies")
+    if cp is not None:
+        flag_txt += f", {cp['n_verified']} verified copies"
     sig = bool(p is not None and p < alpha)
-    if sig:
-        return f"membership signal: {auc_txt} by nested CV{p_txt}; {flag_txt}.", True
-    return f"no significant membership signal: {auc_txt} by nested CV{p_txt}; {flag_txt}.", False
+    mem_txt = ("membership signal" if sig else "no significant membership signal") + f": {auc_txt} by nested CV{p_txt}"
+    ct = dc.get("copy_test")
+    if ct is None:
+        return f"{mem_txt}; {flag_txt}.", sig
+    unit = "groups" if ct["unit"] != "image" else "images"
+    m = dc["memorisation"]
+    mci = m.get("ci")
+    rate = f"{m['rate']:.1%}" + (f" [{mci[0]:.1%}, {mci[1]:.1%}]" if mci else "")
+    copy_facts = (f"{ct['k']} of {ct['m']} member {unit} have a generated copy aligned better than any of the "
+                  f"{ct['n']} known non-member {unit} has (exact p = {ct['p']:.2g})")
+    if ct["p"] < alpha:
+        return (f"data copying: {copy_facts}; memorisation rate {rate} of {m['n_generated']} generated images; "
+                f"{mem_txt}; {flag_txt}.", sig)
+    return f"{mem_txt}; no significant data copying: {copy_facts}; {flag_txt}.", sig
 
 
 def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | None = None, *,
@@ -993,14 +1091,16 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
     label_pred = (score >= thr).astype(np.int64) if opts.decision == "calibrate" else flags.astype(np.int64)
     st.done(note=f"{int(flags.sum())} of {int(target.sum())} {target_role} flagged")
 
-    st.start("datacopy", "Meehan et al. C_T test, memorisation rate")
-    from ganprint.datacopy import dataset_verdicts
+    st.start("datacopy", "Meehan et al. C_T test; aligned-copy verification; copying test, memorisation rate")
+    from ganprint.datacopy import data_copying_test, memorisation_rate
 
     bb0 = _feature_space_of(sel, names)
     if bb0 not in realset.emb:  # a local-feature candidate: its shortlist's global space
         bb0 = opts.global_backbones()[-1]
-    dkey = _digest({"emb": emb_key[bb0], "seed": opts.seed, "bootstrap": opts.bootstrap, "bb": bb0,
-                    "local": None if kind is None else emb_key[kind]})
+    aligned = opts.verify and _cv2_available()
+    dkey = _digest({"emb": emb_key, "seed": opts.seed, "bootstrap": opts.bootstrap, "bb": bb0, "c": ckey,
+                    "copy_k": opts.copy_k, "fdr": opts.fdr, "target": target_role, "aligned": aligned,
+                    "groups": "near_duplicate_groups/v1", "v": 2})
 
     def compute_datacopy():
         import torch
@@ -1008,17 +1108,23 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
         mem = torch.as_tensor(np.flatnonzero((tab["role"] == "members").to_numpy()))
         x = realset.emb[bb0]
         gen = gens[bb0]["generated"]
-        vin = hin = None
-        if kind is not None:
-            vin, hin = _verified_nn_inliers(embs, kind, tab, x, gen, mem, torch.as_tensor(nonmem))
-        res = dataset_verdicts(x[mem], x[torch.as_tensor(nonmem)], gen, seed=opts.seed, bootstrap=opts.bootstrap,
-                               verified_inliers=vin, heldout_inliers=hin)
+        res = {"ct": data_copying_test(x[mem], x[torch.as_tensor(nonmem)], gen, seed=opts.seed,
+                                       bootstrap=min(opts.bootstrap, 500))}
+        tens = {}
+        if aligned:
+            tens, extra = _copy_stage(realset, gens, inputs, opts, embs, ctens, target_role, groups)
+            res.update(extra)
+        else:  # no OpenCV: the global-distance rule
+            res["memorisation"] = memorisation_rate(x[mem], x[torch.as_tensor(nonmem)], gen)
         res["feature_space"] = bb0
-        return {}, res
+        return tens, res
 
-    _, dcopy, hit = cache.get_or_compute("datacopy", dkey, compute_datacopy)
+    dtens, dcopy, hit = cache.get_or_compute("datacopy", dkey, compute_datacopy)
+    ctest = dcopy.get("copy_test")
     st.done(cached=hit, note=f"C_T z {dcopy['ct']['z']:.2f}, p {dcopy['ct']['p']:.3g}; memorisation "
-                             f"{dcopy['memorisation']['rate']:.3f}")
+                             f"{dcopy['memorisation']['rate']:.3f}"
+                             + ("" if ctest is None else f"; copying test {ctest['k']} of {ctest['m']}, "
+                                                         f"p {ctest['p']:.3g}"))
 
     st.start("report", "scores.parquet, submission.csv, figures, report.json, report.html")
     scores_df = pd.DataFrame({
@@ -1044,7 +1150,6 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
     if nn_idx is None:
         chosen_bb = opts.global_backbones()[-1]
         nn_idx, nn_val = ctens[f"nn_idx.{chosen_bb}"], ctens[f"nn_val.{chosen_bb}"]
-    first_global = opts.global_backbones()[0]
     report: dict[str, Any] = {
         "format": AUDIT_FORMAT,
         "layout": inputs.layout,
@@ -1073,14 +1178,22 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
         },
     }
     report["verdict"], report["significant"] = verdict_sentence(report)
+    report["copying"] = copying_significant(report)
     from ganprint.report import build_gallery, render_run
 
-    gen_paths = {role: [str(p) for p in _load_embeddings(embs[first_global][role])[1]["path"]]
-                 for role in ("generated", "test_generated") if role in embs[first_global]}
+    gen_paths = _gen_paths(embs, opts)
+    copies = None
+    if "stat" in dtens:
+        copies = {k: v.numpy() for k, v in dtens.items()}
+        scores_df["copy_stat"] = copies["stat"]
+        scores_df["copy_p"] = copies["p"]
+        scores_df["copy_q"] = copies["q"]
+        scores_df["verified_copy"] = copies["copy"].astype(bool)
     report["gallery"] = build_gallery(run.path / "figures" / "gallery", scores_df, tab, gen_paths,
                                       nn_idx.numpy(), nn_val.numpy(), n=opts.gallery, target_role=target_role,
                                       verify_kind=opts.local_kind(),
-                                      value_name="inliers" if _is_local(chosen_bb) else "cosine")
+                                      value_name="inliers" if _is_local(chosen_bb) else "cosine", copies=copies,
+                                      copy_min_p=(dcopy.get("copies") or {}).get("min_p"))
     _write_scores(run.path / "scores.parquet", scores_df, report)
     st.done()
     report["stages_seconds"] = {k: round(v, 3) for k, v in st.seconds.items()}
@@ -1113,7 +1226,8 @@ def summary(result: AuditResult) -> dict[str, Any]:
     return {
         "run": str(result.run), "report": str(result.html), "verdict": r["verdict"], "significant": r["significant"],
         "chosen": r["selection"]["chosen"], "nested": r["selection"]["nested"], "flags": r["flags"],
-        "datacopy": {"ct": r["datacopy"]["ct"], "memorisation": r["datacopy"]["memorisation"]},
+        "copying": r.get("copying"),
+        "datacopy": {k: r["datacopy"][k] for k in ("ct", "memorisation", "copy_test", "copies") if k in r["datacopy"]},
         "submission": None if r["submission"] is None else str(result.run / r["submission"]),
         "stages_seconds": r["stages_seconds"], "counts": r["counts"],
     }

@@ -98,7 +98,8 @@ def test_run_audit_library_and_cache(tmp_path):
                                  unknown=f["unknown"])
     res = run_audit(tmp_path / "run", inp(), opts, progress=False)
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert rep["verdict"].startswith("membership signal") and rep["significant"]
+    assert rep["significant"] and "; membership signal: AUC" in rep["verdict"]
+    assert rep["copying"] and rep["verdict"].startswith("data copying: 12 of 12 member groups")
     assert set(rep["stages_seconds"]) >= {"inputs", "embed", "similarity+attacks", "selection", "pvalues",
                                           "datacopy", "report"}
     assert not any(rep["stages_cached"].values())

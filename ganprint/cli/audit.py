@@ -28,8 +28,9 @@ def audit(
     seed: int = typer.Option(0, "--seed", help="Seed of the CV splits, k-means and bootstraps."),
     bootstrap: int = typer.Option(500, "--bootstrap", help="Bootstrap resamples for the CIs."),
     gallery: int = typer.Option(12, "--gallery", help="Cards in the evidence gallery."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="SIFT + RANSAC verification of each real image's shortlist (candidates, memorisation rate, gallery)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="SIFT + RANSAC verification of each real image's shortlist, and ECC-aligned copy evidence (candidates, verified copies, memorisation rate, gallery)."),
     verify_k: int = typer.Option(50, "--verify-k", help="Shortlist size (by global similarity) verified per real image."),
+    copy_k: int = typer.Option(10, "--copy-k", help="Nearest generated images per real image and feature space aligned (ECC) for the copy evidence."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
@@ -41,7 +42,7 @@ def audit(
     inputs = resolve_inputs(data, generated=generated, members=members, non_members=non_members, unknown=unknown)
     opts = AuditOptions(backbones=tuple(backbone or DEFAULT_BACKBONES), fdr=fdr, folds=folds, repeats=repeats, seed=seed,
                         bootstrap=bootstrap, gallery=gallery, decision=decision, device=device, weights=weights,
-                        verify=verify, verify_k=verify_k)
+                        verify=verify, verify_k=verify_k, copy_k=copy_k)
     res = run_audit(out, inputs, opts, progress=not quiet, log=None if quiet else log,
                     command="ganprint " + " ".join(sys.argv[1:]))
     if as_json:

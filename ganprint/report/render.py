@@ -27,7 +27,9 @@ th{cursor:pointer;background:#eef1f4;user-select:none} tr.chosen td{background:#
 .card{background:#fff;border-radius:6px;padding:10px;margin:0 0 12px;display:flex;gap:14px;align-items:flex-start}
 .card .head{width:170px;font-size:12.5px} .card img{width:128px;height:128px;image-rendering:pixelated;border:1px solid #ccd}
 .match{display:flex;gap:4px;flex-direction:column;font-size:11.5px;text-align:center}
-.pair{display:flex;gap:4px} .flag{color:#c0392b;font-weight:700} .kv td:first-child{color:#5f6b76}
+.pair{display:flex;gap:4px} .flag{color:#c0392b;font-weight:700}
+.badge{display:inline-block;padding:1px 6px;border-radius:3px;font-weight:700;font-size:12px;margin:2px 0}
+.badge.copy{background:#c0392b;color:#fff} .badge.cand{background:#f5cba7;color:#6e2c00} .badge.flagged{background:#fadbd8;color:#922b21} .kv td:first-child{color:#5f6b76}
 code{font-size:12px;background:#eef1f4;padding:1px 4px;border-radius:3px}
 """
 
@@ -69,9 +71,11 @@ def _transform_text(m: dict) -> str:
     """The recovered transform (real -> generated pixels) and the alignment used for the difference."""
     parts = []
     t = m.get("transform")
-    if m.get("inliers") is None:
+    if m.get("inliers") is None and not m.get("alignment"):
         return "no verification available (unaligned difference)"
-    if t:
+    if m.get("inliers") is None:
+        pass
+    elif t:
         ang, sc, tx, ty = _angle_scale(t)
         parts.append(f"verified fit: rotation {ang:+.1f}°, scale {sc:.2f}, shift ({tx:+.1f}, {ty:+.1f}) px of "
                      f"{m.get('frame')} px")
@@ -108,7 +112,22 @@ def draw_figures(run: Path, report: dict[str, Any]) -> dict[str, str]:
     return {"roc": "figures/roc.png", "scores": "figures/scores.png", "pvalues": "figures/pvalues.png"}
 
 
-def _gallery_html(run: Path, cards: list[dict]) -> str:
+def _badge(c: dict, q: float | None) -> str:
+    ev = c.get("evidence")
+    if ev == "verified copy":
+        return (f'<span class="badge copy">verified copy</span><br>copy p {_f(c.get("copy_p"), 4)}, '
+                f'BH q {_f(c.get("copy_q"), 4)} ≤ {q:g}')
+    if ev == "copy candidate":
+        return (f'<span class="badge cand">copy candidate</span><br>aligned better than every known non-member '
+                f'(copy p {_f(c.get("copy_p"), 4)}), not significant after BH (q {_f(c.get("copy_q"), 3)})')
+    if ev == "flagged":
+        return '<span class="badge flagged">flagged member</span>'
+    if c.get("copy_p") is not None:
+        return f'copy p {_f(c.get("copy_p"), 3)}: no copy shown'
+    return ""
+
+
+def _gallery_html(run: Path, cards: list[dict], q: float = 0.1) -> str:
     if not cards:
         return '<p class="muted">No image to show.</p>'
     g = run / "figures" / "gallery"
@@ -116,8 +135,9 @@ def _gallery_html(run: Path, cards: list[dict]) -> str:
     for c in cards:
         flag = '<span class="flag">flagged</span>' if c["flag"] else "not flagged"
         truth = "" if c.get("label") is None else f"<br>truth: {'member' if c['label'] else 'non-member'}"
-        head = (f'<div class="head"><b>{_e(c["image_id"])}</b><br>{_e(c["role"])}, {flag}<br>score {_f(c["score"])}'
-                f'<br>p {_f(c["p_value"], 4)}, q {_f(c["q_value"], 4)}{truth}</div>')
+        stat = "" if c.get("copy_stat") is None else f"<br>best aligned correlation {_f(c['copy_stat'], 4)}"
+        head = (f'<div class="head"><b>{_e(c["image_id"])}</b><br>{_badge(c, q)}<br>{_e(c["role"])}, {flag}'
+                f'<br>score {_f(c["score"])}<br>p {_f(c["p_value"], 4)}, q {_f(c["q_value"], 4)}{stat}{truth}</div>')
         cells = [f'<div class="match">{_img(g / c["real"], "real " + c["image_id"], "gallery")}<span>real</span></div>']
         for m in c["matches"]:
             inl = "—" if m.get("inliers") is None else str(m["inliers"])
@@ -126,8 +146,30 @@ def _gallery_html(run: Path, cards: list[dict]) -> str:
                 f'{_img(g / m["diff"], "difference " + m["generated"], "gallery")}</div>'
                 f'<span>{_e(m["generated"])}: {_e(m.get("value_name", "sim"))} {_f(m.get("value", m.get("similarity")))}, '
                 f'inliers {inl}</span><span class="muted">{_e(_transform_text(m))}</span></div>')
-        out.append(f'<div class="card">{head}{"".join(cells)}</div>')
+        cls = " copy" if c.get("evidence") == "verified copy" else ""
+        out.append(f'<div class="card{cls}" data-evidence="{_e(c.get("evidence") or "")}">{head}{"".join(cells)}</div>')
     return "\n".join(out)
+
+
+def _copies_sentence(dc: dict) -> str:
+    """The aligned-copy findings: the dataset-level copying test and the per-image verified copies."""
+    ct, cp = dc.get("copy_test"), dc.get("copies")
+    if ct is None or cp is None:
+        return ""
+    unit = "near-duplicate groups" if ct["unit"] != "image" else "images"
+    verdict = "the generator copies its training images" if ct["p"] < 0.01 else "no significant copying"
+    n1 = cp["n_null"] + 1
+    limit = ""
+    if cp["n_verified"] == 0 and cp["n_above_every_non_member"]:
+        need = math.ceil(cp["n_tested"] * cp["min_p"] / cp["q"])
+        limit = (f" With {cp['n_null']} known non-members the smallest copy p-value is 1/{n1}, so BH at {cp['q']:g} "
+                 f"needs at least {need} such images: more known non-members would make them provable.")
+    return (f"<br>aligned-copy test: {ct['k']} of {ct['m']} member {unit} have a generated image aligned onto them "
+            f"(ECC, rotation + shift) better than any of the {ct['n']} known non-member {unit} has "
+            f"(correlation &gt; {ct['cut']:.4f}; exact p = {ct['p']:.2g}): {verdict}."
+            f"<br>per image: {cp['n_verified']} of {cp['n_tested']} {_e(cp['set'])} images are <b>verified copies</b> "
+            f"(copy p-value vs the known non-members, BH at {cp['q']:g}); {cp['n_above_every_non_member']} are aligned "
+            f"better than every known non-member (p = 1/{n1}).{limit}")
 
 
 def _selection_html(sel: dict) -> str:
@@ -166,11 +208,15 @@ def render_html(run: Path, report: dict[str, Any]) -> str:
     mci = mem.get("ci")
     mem_sentence = (f"memorisation rate: {mem['rate']:.1%}{f' [{mci[0]:.1%}, {mci[1]:.1%}]' if mci else ''} "
                     f"of {mem['n_generated']} generated images ({mem['copies']} copies){null}; a copy = {_e(mem['rule'])}.")
+    if report.get("copying") and not (ct["p"] < 0.05 and ct["z"] < 0):
+        ct_sentence += (" C<sub>T</sub> weighs every generated image's nearest-neighbour distance in the global feature "
+                        "space: a generator that copies some training images while the rest of its output lies far "
+                        "from them passes it; the aligned-copy test below looks at the copies themselves.")
     stages = report.get("stages_seconds", {})
     stage_txt = ", ".join(f"{k} {v:.1f}s" + (" (cached)" if report.get("stages_cached", {}).get(k) else "")
                           for k, v in stages.items())
     prov = report.get("provenance", {})
-    verdict_cls = "sig" if report.get("significant") else "null"
+    verdict_cls = "sig" if report.get("significant") or report.get("copying") else "null"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>ganprint audit report</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
@@ -183,12 +229,15 @@ def render_html(run: Path, report: dict[str, Any]) -> str:
 TPR@1%FPR {_f(nested.get('tpr_at_1fpr'))}. Flags: {_e(fl['method'])}, FDR {fl['q']:g}: {fl['n_flagged']} of {fl['n_tested']} {_e(fl['set'])} images{'; ' + _e(fl['note']) if fl.get('note') else ''}.
 {'Submission: <code>submission.csv</code> (' + _e(report['decision']['rule']) + ' rule).' if report.get('submission') else ''}</p>
 <h2>Dataset-level verdicts</h2>
-<p id="datacopy">{ct_sentence}<br>{mem_sentence}</p>
+<p id="datacopy">{ct_sentence}<br>{mem_sentence}{_copies_sentence(dc)}</p>
 <h2>Figures</h2><div class="grid">{fig_html}</div>
 <h2>Evidence gallery</h2>
-<p class="muted">Each card: the real image, then its nearest generated images (left) with the absolute difference after alignment
-(right; dark = different). Flagged images first, then by p-value.</p>
-<div id="gallery">{_gallery_html(run, report.get('gallery', []))}</div>
+<p class="muted">Each card: the real image, then its best-aligned candidate generated images (left) with the absolute difference
+after alignment (right; dark = different) and the recovered transform. Order: <b>verified copies</b> first (the image's best
+aligned correlation is significant against the same statistic of the known non-members, Benjamini–Hochberg at FDR {fl['q']:g}),
+then images flagged by the membership attack, then copy candidates (aligned better than every known non-member, not significant
+after BH), then the rest by membership p-value.</p>
+<div id="gallery">{_gallery_html(run, report.get('gallery', []), fl['q'])}</div>
 <h2>Selection (every candidate's cross-validated result)</h2>{_selection_html(sel)}
 {('<p class="muted">' + _e('; '.join(report.get('candidate_notes', []))) + '</p>') if report.get('candidate_notes') else ''}
 <h2>Provenance</h2>{_kv({'command': prov.get('command'), 'seed': prov.get('seed'), 'versions': prov.get('versions'),

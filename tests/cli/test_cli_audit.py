@@ -22,7 +22,9 @@ def test_audit_json_outputs_and_report_rerender(tmp_path):
     res = runner.invoke(app, audit_args(f, run, "--json"))
     assert res.exit_code == 0, res.stderr
     s = json.loads(res.stdout)
-    assert s["verdict"].startswith("membership signal") and s["chosen"].startswith("pixels/")
+    assert s["verdict"].startswith("data copying:") and s["copying"]  # every member is copied once
+    assert "; membership signal: AUC" in s["verdict"] and s["chosen"].startswith("pixels/")
+    assert s["datacopy"]["copy_test"]["k"] == 12 and s["datacopy"]["memorisation"]["copies"] >= 12
     assert s["nested"]["auc"] > 0.8
     rep = json.loads((run / "report.json").read_text())
     assert any(c["name"].startswith("sift/") for c in rep["selection"]["candidates"])  # verification ran
