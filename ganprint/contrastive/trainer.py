@@ -505,8 +505,9 @@ class _Trainer:
         if not path.is_file():
             raise GanprintError(f"{path}: no checkpoint to resume from; drop --resume or pass the --out of the run")
         meta = read_checkpoint_meta(path)
-        # checkpoints from before `positives` existed trained with pools
-        changed = diff_configs({"positives": "pools", **meta.get("config", {})}, cfg.to_dict())
+        # checkpoints from before these keys existed trained with their defaults
+        changed = diff_configs({"positives": "pools", "instance_res": 0, "instance_clean": 0.0, **meta.get("config", {})},
+                               cfg.to_dict())
         if changed:
             raise GanprintError(f"{path}: --resume with a different config ({', '.join(changed)}); use the saved "
                                 f"{cfg.config_path} or start a new --out")
