@@ -13,7 +13,8 @@ dev and test (``embed --checkpoint``) and measures on replicas.csv:
 - ``src->gen recall@K``: for each replica, is it among its source member's K most similar
   generated images?  Queries: every real image of dev and test; candidates: every generated image
   of dev and test (the shortlist geometric verification would see).  ``any`` counts a hit when
-  any replica of the same source is among the K (as bench/verify_replicas.py does);
+  any replica of the same source is among the K (as bench/verify_replicas.py does); also split by
+  the replica's split (``_dev``: its image was a training anchor; ``_test``: never seen);
 - ``gen->src recall@K``: for each replica, is its source among its K most similar real images?
 
 and, for the last point and the baselines, every attack calibrated on dev and applied to the test
@@ -83,6 +84,12 @@ def replica_recall(arts: dict, reps: list[dict], ks: list[int]) -> dict:
         out[f"src_gen_recall@{k}"] = round(float((g_top[:, :k] == rep[:, None]).any(1).float().mean()), 4)
         out[f"src_gen_recall_any@{k}"] = round(float((source_of[g_top[:, :k]] == src[:, None]).any(1).float().mean()), 4)
         out[f"gen_src_recall@{k}"] = round(float((r_top[:, :k] == src[:, None]).any(1).float().mean()), 4)
+        # by the replica's split: dev replicas were training anchors (unlabelled), test ones never seen
+        hit = (g_top[:, :k] == rep[:, None]).any(1).float()
+        for split in ("dev", "test"):
+            m = torch.tensor([r["split"] == split for r in reps])
+            if m.any():
+                out[f"src_gen_recall@{k}_{split}"] = round(float(hit[m].mean()), 4)
     # rank of the replica among its source's candidates (1 = top)
     rank = (sim[src] > sim[src, rep][:, None]).sum(1) + 1
     out["src_gen_median_rank"] = float(rank.median())
