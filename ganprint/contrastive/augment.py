@@ -121,15 +121,27 @@ def to_model_input(v: torch.Tensor, preprocess, channels_last: bool = False) -> 
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def replica_views(images: torch.Tensor, out_size: int, generator: torch.Generator, ranges=None
-                  ) -> tuple[torch.Tensor, list[dict]]:
+def _resize_u8(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [N, S, S] -> uint8 [N, size, size] (OpenCV area down, bilinear up)."""
+    import cv2
+
+    if images.shape[-1] == size:
+        return images
+    interp = cv2.INTER_AREA if size < images.shape[-1] else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(a, (size, size), interpolation=interp) for a in images])
+
+
+def replica_views(images: torch.Tensor, out_size: int, generator: torch.Generator, ranges=None,
+                  work_size: int = 0) -> tuple[torch.Tensor, list[dict]]:
     """uint8 [N, S, S] -> (float32 [N, 1, out_size, out_size] in [0, 1], N transform dicts).
 
     Each image gets its own random replica transform, drawn and applied by
     :mod:`ganprint.synth.replicas` (the sampler and OpenCV warp of ``synth --copies``: rotation,
     shift, gamma, blur, noise; ``ranges`` a ``ReplicaRanges``, default its defaults), at the cache
-    resolution, then resized like :func:`plain_view`.  The numpy generator behind it is seeded
-    from one draw of ``generator``, so views depend only on (images, generator state)."""
+    resolution -- or, with ``work_size`` > 0, at that resolution (the generator's working
+    resolution: synth makes its replicas there, so blur and noise have the same scale), then
+    resized like :func:`plain_view`.  The numpy generator behind it is seeded from one draw of
+    ``generator``, so views depend only on (images, generator state)."""
     from ganprint.synth.replicas import ReplicaRanges, apply_transform, random_transform
 
     ranges = ReplicaRanges() if ranges is None else ranges
@@ -139,15 +151,28 @@ def replica_views(images: torch.Tensor, out_size: int, generator: torch.Generato
     if n == 0:
         return images.new_zeros(0, 1, out_size, out_size, dtype=torch.float32), params
     arr = images.cpu().numpy()
+    if work_size:
+        arr = _resize_u8(arr, work_size)
     out = np.stack([apply_transform(a, p, rng) for a, p in zip(arr, params)])
     return plain_view(torch.from_numpy(out).to(images.device), out_size), params
 
 
-def instance_pair(images: torch.Tensor, out_size: int, generator: torch.Generator, ranges=None
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[dict], list[dict]]:
+def instance_pair(images: torch.Tensor, out_size: int, generator: torch.Generator, ranges=None,
+                  work_size: int = 0, clean: float = 0.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[dict], list[dict | None]]:
     """The instance positive pair (SSCD / SimCLR-style): two independent replica views of each
     image.  uint8 [N, S, S] -> (view_a, view_b float32 [N, 1, out, out], params_a, params_b);
-    row i of both views shows image i."""
-    a, pa = replica_views(images, out_size, generator, ranges)
-    b, pb = replica_views(images, out_size, generator, ranges)
+    row i of both views shows image i.
+
+    With ``clean`` > 0, each row's view b is, with that probability, the untransformed image
+    (:func:`plain_view`; its params ``None``): the pair a search meets, a clean member against
+    its replica.  ``work_size``: see :func:`replica_views`."""
+    a, pa = replica_views(images, out_size, generator, ranges, work_size)
+    b, pb = replica_views(images, out_size, generator, ranges, work_size)
+    if clean > 0 and images.shape[0]:
+        pick = torch.rand(images.shape[0], generator=generator) < clean
+        if pick.any():
+            b = b.clone()
+            b[pick.to(b.device)] = plain_view(images[pick.to(images.device)], out_size).to(b.dtype)
+            pb = [None if bool(c) else p for c, p in zip(pick, pb)]
     return a, b, pa, pb

@@ -49,6 +49,8 @@ class TrainConfig:
     bn_mode: str = "frozen"
     # positives: the paper's similarity pools, instance views (copy descriptor), or both
     positives: str = "pools"
+    instance_res: int = 0
+    instance_clean: float = 0.0
     # positive pools and negatives (Table 1 names)
     sim_threshold: float = 0.6
     min_pos_samples: int = 2
@@ -118,6 +120,8 @@ FIELD_HELP: dict[str, str] = {
     "proj_layers": "Linear layers in the projection MLP (ReLU between them, none at the end).",
     "bn_mode": "frozen (BatchNorm keeps its running statistics; identical across ranks) or train.",
     "positives": "pools (the paper's: real_used images similar to the anchor), instance (a second view of the anchor under the replica transforms of `synth --copies`: rotation, shift, gamma, blur, noise; a copy descriptor) or both (pools plus the instance view; all views then use the replica transforms).",
+    "instance_res": "positives = instance / both: resolution the replica transforms are applied at (the generator's working resolution, e.g. 64 for synth's DCGAN; 0: the image cache's).",
+    "instance_clean": "positives = instance / both: probability that the second view of an anchor is the untransformed image (a clean member against its replica, as a search meets them).",
     "sim_threshold": "Positive pool: real_used images with cosine similarity >= this.",
     "min_pos_samples": "Positive pool: top up to this many by similarity rank when too few pass the threshold.",
     "pos_per_anchor": "Pool positives drawn per anchor and step (0: min_pos_samples).",
@@ -262,6 +266,10 @@ def validate(cfg: TrainConfig, source: str = "config") -> TrainConfig:
     for key in non_negative:
         if getattr(cfg, key) < 0:
             raise bad(key, "must not be negative")
+    if cfg.instance_res != 0 and not 8 <= cfg.instance_res <= 4096:
+        raise bad("instance_res", "must be 0 (the cache's resolution) or between 8 and 4096 pixels")
+    if not 0.0 <= cfg.instance_clean <= 1.0:
+        raise bad("instance_clean", "must be a probability in [0, 1]")
     if cfg.image_size is not None and cfg.image_size < 8:
         raise bad("image_size", "is too small; use at least 8")
     if not 0.0 <= cfg.loss_alpha <= 1.0:

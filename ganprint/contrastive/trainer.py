@@ -357,7 +357,7 @@ class _Trainer:
         if self.cfg.positives == "pools":
             v = augment(images.to(self.ctx.device), self.size, self.aug, g)
         else:
-            v = replica_views(images.to(self.ctx.device), self.size, g)[0]
+            v = replica_views(images.to(self.ctx.device), self.size, g, work_size=self.cfg.instance_res)[0]
         return to_model_input(v, self.loaded.preprocess, self.channels_last)
 
     @torch.no_grad()
@@ -401,7 +401,8 @@ class _Trainer:
             xq = self._views(data.gen[anchors], g)
             xk = self._views(data.gen[anchors], g)  # a second, independent view
         else:  # the instance pair: two replica views of the anchor
-            va, vb, _, _ = instance_pair(data.gen[anchors].to(dev), self.size, g)
+            va, vb, _, _ = instance_pair(data.gen[anchors].to(dev), self.size, g, work_size=cfg.instance_res,
+                                         clean=cfg.instance_clean)
             xq, xk = (to_model_input(v, self.loaded.preprocess, self.channels_last) for v in (va, vb))
         upos, pos_inv = torch.unique(pos_idx[pos_ok], return_inverse=True)
         uneg, neg_inv = torch.unique(neg_idx.reshape(-1), return_inverse=True)
@@ -504,8 +505,9 @@ class _Trainer:
         if not path.is_file():
             raise GanprintError(f"{path}: no checkpoint to resume from; drop --resume or pass the --out of the run")
         meta = read_checkpoint_meta(path)
-        # checkpoints from before `positives` existed trained with pools
-        changed = diff_configs({"positives": "pools", **meta.get("config", {})}, cfg.to_dict())
+        # checkpoints from before these keys existed trained with their defaults
+        changed = diff_configs({"positives": "pools", "instance_res": 0, "instance_clean": 0.0, **meta.get("config", {})},
+                               cfg.to_dict())
         if changed:
             raise GanprintError(f"{path}: --resume with a different config ({', '.join(changed)}); use the saved "
                                 f"{cfg.config_path} or start a new --out")

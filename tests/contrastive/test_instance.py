@@ -155,3 +155,81 @@ def test_both_keeps_pool_positives_and_adds_the_instance_view(dev, tmp_path, mon
     # the instance key (always on) + pos_per_anchor = 2 pool positives, all valid (sim_threshold -1)
     assert all(s["k_pos"].shape[1] == 3 and s["pos_mask"][:, 0].all() for s in seen)
     assert all(s["pos_mask"][:, 1:].any() for s in seen)
+
+
+# -- views at the generator's resolution, clean second views --------------------------------
+
+def test_work_size_applies_the_transform_at_that_resolution():
+    import cv2
+
+    imgs = smooth_images(4, 64, seed=5)
+    ranges = ReplicaRanges(noise=0.0)
+    g = torch.Generator().manual_seed(7)
+    v, params = replica_views(imgs, 32, g, ranges, work_size=16)
+    assert v.shape == (4, 1, 32, 32) and len(params) == 4
+    rng = np.random.default_rng(0)
+    for i, p in enumerate(params):
+        assert abs(p["rotation_deg"]) <= ranges.rotation and abs(p["shift_y"]) <= ranges.shift
+        assert ranges.gamma_min <= p["gamma"] <= ranges.gamma_max and 1.0 <= p["blur"] <= ranges.blur
+        small = cv2.resize(imgs[i].numpy(), (16, 16), interpolation=cv2.INTER_AREA)
+        again = plain_view(torch.from_numpy(apply_transform(small, p, rng))[None], 32)
+        assert torch.equal(v[i], again[0])
+    # the same draw at the cache's resolution is a different (sharper) view
+    full, p_full = replica_views(imgs, 32, torch.Generator().manual_seed(7), ranges)
+    assert p_full == params and not torch.allclose(full, v)
+
+
+def test_clean_second_views_are_the_plain_image_and_leave_the_rest_unchanged():
+    imgs = smooth_images(8, 48, seed=6)
+    a0, b0, pa0, pb0 = instance_pair(imgs, 32, torch.Generator().manual_seed(11))
+    a, b, pa, pb = instance_pair(imgs, 32, torch.Generator().manual_seed(11), clean=0.5)
+    plain = plain_view(imgs, 32)
+    picked = [i for i, p in enumerate(pb) if p is None]
+    assert 0 < len(picked) < 8  # seeded: some rows clean, some not
+    assert torch.equal(a, a0) and pa == pa0
+    for i in range(8):
+        assert torch.equal(b[i], plain[i] if i in picked else b0[i])
+        assert pb[i] is None or pb[i] == pb0[i]
+    _, b1, _, pb1 = instance_pair(imgs, 32, torch.Generator().manual_seed(11), clean=1.0)
+    assert torch.equal(b1, plain) and pb1 == [None] * 8
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("instance_res", 4, "instance_res = 4 must be 0 (the cache's resolution) or between 8 and 4096 pixels"),
+    ("instance_res", -1, "instance_res = -1 must be 0"),
+    ("instance_clean", 1.5, "instance_clean = 1.5 must be a probability in [0, 1]"),
+    ("instance_clean", float("nan"), "instance_clean = nan must be a finite number"),
+])
+def test_instance_keys_are_validated(key, value, msg):
+    with pytest.raises(GanprintError, match=msg.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        resolve_config({key: value})
+    ok = resolve_config({"instance_res": 64, "instance_clean": 0.5})
+    assert (ok.instance_res, ok.instance_clean) == (64, 0.5)
+
+
+def test_instance_training_with_clean_views_at_work_size_learns(dev, tmp_path):
+    r = run_training({"data": str(dev), "out": str(tmp_path / "a"), **TINY, "positives": "instance",
+                      "instance_res": 16, "instance_clean": 0.5, "max_steps": 6, "batch_size": 4, "lr": 3e-3,
+                      "warmup_steps": 0, "num_neg_samples": 0})
+    assert r.step == 6 and all(np.isfinite(r.losses))
+    assert np.mean(r.losses[-3:]) < np.mean(r.losses[:3])  # the loss goes down
+    from ganprint.checkpoint import read_checkpoint_meta
+
+    cfg = read_checkpoint_meta(r.checkpoint)["config"]
+    assert (cfg["instance_res"], cfg["instance_clean"]) == (16, 0.5)
+
+
+def test_resume_of_a_checkpoint_from_before_the_instance_keys(dev, tmp_path):
+    from ganprint.checkpoint import read_checkpoint, save_checkpoint
+
+    cfg = {"data": str(dev), "out": str(tmp_path / "r"), **TINY, "positives": "instance"}
+    first = run_training({**cfg, "stop_at_step": 2})
+    tensors, meta = read_checkpoint(first.checkpoint)
+    for key in ("instance_res", "instance_clean"):  # as written by an older ganprint
+        meta["config"].pop(key)
+    save_checkpoint(first.checkpoint, tensors, meta)
+    done = run_training(cfg, resume=True)
+    assert done.step == 3 and done.resumed_from == 2
+    with pytest.raises(GanprintError, match=r"--resume with a different config \(instance_clean\)"):
+        run_training({**cfg, "instance_clean": 0.5}, resume=True)
