@@ -147,6 +147,13 @@ def predict(
         if res.submission:
             msg += f"; submission {res.submission}"
         log(msg)
+        if d.rule == "fdr" and res.n_pos == 0 and pred.pvalue_info and pred.pvalue_info.get("n_null"):
+            import math
+
+            k = math.ceil(len(pred.image_ids) / (d.quantile * (pred.pvalue_info["n_null"] + 1)) - 1e-9)
+            log(f"note: with {pred.pvalue_info['n_null']} known non-members as the null, BH at {d.quantile:g} flags "
+                f"nothing unless at least {k} of the {len(pred.image_ids)} images score above every one of them; "
+                "more known non-members buy power")
         if d.dev and d.dev.get("same_as_test"):
             log("[yellow]warning[/yellow]: calibrated on the images it labels: the dev kappa is optimistic; "
                 "calibrate on a separate dev set to estimate performance")
