@@ -307,6 +307,13 @@ def test_calibration_non_members_never_reach_selection(spaces, monkeypatch):
 def test_null_fraction_option(spaces, tmp_path):
     a = predict_auto([spaces["pixels"]["test_null"]], [spaces["pixels"]["dev"]], config=FAST, null_fraction=0.75)
     assert a.pvalue_info["n_null"] == 36 and a.selection["calibration_split"]["fraction"] == 0.75
+    # deterministic for a seed; another seed, another split
+    again = predict_auto([spaces["pixels"]["test_null"]], [spaces["pixels"]["dev"]], config=FAST, null_fraction=0.75)
+    assert again.selection["calibration_split"] == a.selection["calibration_split"]
+    np.testing.assert_array_equal(again.pvalues, a.pvalues)
+    other = predict_auto([spaces["pixels"]["test_null"]], [spaces["pixels"]["dev"]], null_fraction=0.75,
+                         config=SelectConfig(folds=3, repeats=1, outer_folds=3, outer_repeats=1, seed=1))
+    assert other.selection["calibration_split"]["calibration_ids"] != a.selection["calibration_split"]["calibration_ids"]
     res = CliRunner().invoke(app, ["predict", str(spaces["pixels"]["test_null"]), "--attack", "auto", "--calibrate",
                                    str(spaces["pixels"]["dev"]), "--null-fraction", "1.5", "--out",
                                    str(tmp_path / "x")])
