@@ -27,7 +27,12 @@ those images score low: the null is then too low and the p-values of fresh non-m
 (realised FDR 0.17 and 0.23 at Q = 0.1 on two synth runs).  :func:`calibration_split` holds a
 seeded part of them out of selection (whole near-duplicate groups, so that no sibling slice of a
 calibration image is seen by selection); only that part is the null.  Given the selection, the
-calibration images and the test non-members are exchangeable again.
+calibration images and the test non-members are exchangeable again.  What else exchangeability
+needs, and how ganprint provides it: the null images are scored in the test images' own context
+(embedded with them: same generated set, the other real images as reference, each image left out
+of its own comparisons), and a near-duplicate group (neighbouring slices of one patient) is
+either all calibration or all selection, so a calibration image, like a test image, has its
+siblings among the scored real images.  Ties count against the image.
 """
 
 from __future__ import annotations
