@@ -168,11 +168,18 @@ def _auto_row(sets, truth: dict, bootstrap: int, q: float, seed: int) -> dict:
         "nested_kappa_ci": nest["kappa_ci"], "nested_choices": nest["choice_counts"], "reason": sel["reason"],
         "auto_seconds": round(secs, 1),
     }
+    split = sel.get("calibration_split") or {}
+    row["calibration_split"] = {k: split.get(k) for k in ("fraction", "seed", "n_null", "n_calibration",
+                                                          "n_selection", "n_selection_nonmembers")}
     if pred.pvalues is not None:
+        import math
+
         flags = bh_flags(np.asarray(pred.pvalues)[keep], q)
         fdr, recall = realised_fdr(flags, y)
+        n_null = int(pred.pvalue_info["n_null"])
+        # BH flags k of n images only if 1/(n_null + 1) <= k q / n: the fewest flags it can make at all
         row.update({"fdr_q": q, "fdr_realised": fdr, "fdr_recall": recall, "fdr_flagged": int(flags.sum()),
-                    "pvalue_null": pred.pvalue_info})
+                    "pvalue_null": pred.pvalue_info, "bh_min_flags": math.ceil(len(keep) / (q * (n_null + 1)) - 1e-9)})
     return row
 
 
@@ -214,7 +221,9 @@ def run_auto(regime: str, generator: str, seed: int, out: Path, args) -> dict:
         "auto_kappa": auto["kappa"], "nested_kappa": auto["nested_kappa"],
         "ok_best": auto["auc"] >= best - 0.03, "ok_median": (auto["auc"] >= median + 0.05) if best >= 0.6 else None,
         "fdr_realised": auto.get("fdr_realised"), "fdr_recall": auto.get("fdr_recall"),
-        "fdr_flagged": auto.get("fdr_flagged"), "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "fdr_flagged": auto.get("fdr_flagged"), "bh_min_flags": auto.get("bh_min_flags"),
+        "n_null": (auto.get("pvalue_null") or {}).get("n_null"), "n_members_test": int(sum(truth.values())),
+        "n_selection": auto["calibration_split"].get("n_selection"), "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     for r in rows:
         r["regime"] = tag
@@ -226,14 +235,15 @@ def _auto_markdown(summaries: list[dict]) -> str:
         return "—" if v is None else f"{v:.{nd}f}"
 
     lines = ["| run | best single row (AUC) | median row AUC | auto: choice | auto AUC test | nested-CV AUC [95% CI] "
-             "| auto κ test | nested κ | FDR@0.1 realised (recall, flagged) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| auto κ test | nested κ | FDR@0.1 realised (recall, flagged) | null / fewest BH flags / members |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         ci = s["nested_auc_ci"]
         lines.append(f"| {s['run']} | {s['best_single']} ({f(s['best_single_auc'])}) | {f(s['median_auc'])} | "
                      f"{s['auto_choice']} | {f(s['auto_auc'])} | {f(s['nested_auc'])}"
                      f"{'' if not ci else f' [{ci[0]:.2f}, {ci[1]:.2f}]'} | {f(s['auto_kappa'])} | "
-                     f"{f(s['nested_kappa'])} | {f(s['fdr_realised'])} ({f(s['fdr_recall'], 2)}, {s['fdr_flagged']}) |")
+                     f"{f(s['nested_kappa'])} | {f(s['fdr_realised'])} ({f(s['fdr_recall'], 2)}, {s['fdr_flagged']}) | "
+                     f"{s.get('n_null')} / {s.get('bh_min_flags')} / {s.get('n_members_test')} |")
     return "\n".join(lines)
 
 

@@ -17,11 +17,28 @@ Public API (numpy in, numpy out; no torch):
 - :func:`bh_adjust` (p [n]) -> BH-adjusted p-values (q-values) [n] (scipy's ``false_discovery_control``)
 - :func:`bh_flags` (p [n], q) -> bool [n]: the BH discoveries at level q
 - :func:`realised_fdr` (flags [n], truth [n]) -> (fdr, recall): false flags / flags, flagged members / members
+- :func:`calibration_split` (dev ids, labels, groups, null ids, fraction, seed) -> :class:`CalibrationSplit`:
+  which known non-members calibrate the p-values and which labelled dev images enter selection
+
+Selection and calibration must not share images.  The guarantee above holds for a *fixed* score
+function; ``predict --attack auto`` chooses the score function on labelled dev images, and when the
+known non-members of the null are among them, the choice favours candidates under which exactly
+those images score low: the null is then too low and the p-values of fresh non-members too small
+(realised FDR 0.17 and 0.23 at Q = 0.1 on two synth runs).  :func:`calibration_split` holds a
+seeded part of them out of selection (whole near-duplicate groups, so that no sibling slice of a
+calibration image is seen by selection); only that part is the null.  Given the selection, the
+calibration images and the test non-members are exchangeable again.  What else exchangeability
+needs, and how ganprint provides it: the null images are scored in the test images' own context
+(embedded with them: same generated set, the other real images as reference, each image left out
+of its own comparisons), and a near-duplicate group (neighbouring slices of one patient) is
+either all calibration or all selection, so a calibration image, like a test image, has its
+siblings among the scored real images.  Ties count against the image.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 from ganprint.errors import GanprintError
 
@@ -113,3 +130,92 @@ def summary(pvalues, q: float | None = None) -> dict[str, Any]:
         out["q"] = float(q)
         out["n_flagged"] = int(bh_flags(p, q).sum())
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# selection / calibration split of the known non-members
+
+
+@dataclass
+class CalibrationSplit:
+    """``selection`` bool [n]: labelled dev rows that may enter selection; ``calibration_ids``: the
+    null images whose scores calibrate the p-values (none of them, nor a near-duplicate of one, is
+    in selection); ``ok`` False (with ``info['reason']``) when no valid split exists."""
+
+    selection: Any
+    calibration_ids: list[str]
+    ok: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _group_key(seed: int, ids: Sequence[str]) -> bytes:
+    import hashlib
+
+    # by content of the ids, not their position: the split does not depend on the input order
+    return hashlib.sha256(f"{int(seed)}|{min(ids)}".encode()).digest()
+
+
+def calibration_split(dev_ids, labels, groups, null_ids, fraction: float = 0.5, seed: int = 0,
+                      min_groups: int = 2) -> CalibrationSplit:
+    """Split the known non-members between selection and p-value calibration.
+
+    ``dev_ids`` [n] / ``labels`` [n] (0/1): the labelled dev images; ``groups`` int [n] or None
+    (near-duplicate groups; None = every image alone); ``null_ids``: the images whose scores, in
+    the test context, form the null.  Null images that are not labelled dev images never influence
+    selection and always calibrate.  Of the groups holding a null image that is a dev image, a
+    seeded share (``fraction`` of those images, whole groups, ordered by a digest of seed and
+    ids) is held out: its dev rows leave selection, its null images calibrate; the others stay in
+    selection and leave the null.  Selection keeps at least ``min_groups`` groups of each class.
+    """
+    import numpy as np
+
+    if not (0.0 < float(fraction) < 1.0):
+        raise GanprintError(f"--null-fraction {fraction}: the share of known non-members held out of selection to "
+                            "calibrate the p-values must be in (0, 1), e.g. 0.5")
+    ids = [str(i) for i in dev_ids]
+    y = np.asarray(labels, dtype=np.int64)
+    n = len(ids)
+    g = np.arange(n) if groups is None else np.asarray(groups)
+    nulls = [str(i) for i in null_ids]
+    dev_pos = {i: r for r, i in enumerate(ids)}
+    overlap = [dev_pos[i] for i in nulls if i in dev_pos]
+    outside = [i for i in nulls if i not in dev_pos]
+    info: dict[str, Any] = {"rule": "known non-members that are labelled dev images: a seeded share of their "
+                                    "near-duplicate groups calibrates the p-values, the rest enters selection",
+                            "fraction": float(fraction), "seed": int(seed), "n_null": len(nulls),
+                            "n_null_outside_dev": len(outside), "n_null_in_dev": len(overlap)}
+    keep = np.ones(n, dtype=bool)
+    if not overlap:
+        info.update({"n_calibration": len(nulls), "n_selection": n, "n_held_out_of_selection": 0,
+                     "calibration_ids": sorted(nulls)})
+        return CalibrationSplit(keep, sorted(nulls), len(nulls) >= 1, info)
+    in_null = np.zeros(n, dtype=bool)
+    in_null[overlap] = True
+    cand = sorted({int(v) for v in g[in_null]},
+                  key=lambda v: _group_key(seed, [ids[r] for r in np.flatnonzero(g == v)]))
+    target = int(round(float(fraction) * len(overlap)))
+
+    def groups_left(mask, c):
+        return len(np.unique(g[mask & (y == c)]))
+
+    chosen: list[int] = []
+    held = 0
+    for v in cand:
+        if held >= target:
+            break
+        rows = g == v
+        trial = keep & ~rows
+        if min(groups_left(trial, 0), groups_left(trial, 1)) < min_groups:
+            continue  # selection would lose a class: keep this group there
+        keep, held = trial, held + int((rows & in_null).sum())
+        chosen.append(v)
+    cal_dev = [ids[r] for r in overlap if not keep[r]]
+    cal = sorted(set(cal_dev) | set(outside))
+    info.update({"n_calibration": len(cal), "n_calibration_from_dev": len(cal_dev), "n_selection": int(keep.sum()),
+                 "n_held_out_of_selection": int((~keep).sum()),
+                 "n_selection_nonmembers": int((keep & (y == 0)).sum()), "calibration_ids": cal})
+    if not cal:
+        info["reason"] = (f"too few known non-members to hold some out of selection ({len(overlap)} in the dev set, "
+                          f"selection needs {min_groups} near-duplicate groups of each class); no p-values")
+        return CalibrationSplit(np.ones(n, dtype=bool), [], False, info)
+    return CalibrationSplit(keep, cal, True, info)

@@ -190,13 +190,15 @@ def _pvalues(null, scores):
     return conformal_pvalues(scores, null.scores, null.self_index), null.info()
 
 
-def _fdr_decision(pvalues, q: float, source: str) -> Decision:
+def _fdr_decision(pvalues, q: float, source: str, reason: str | None = None) -> Decision:
     """BH flags at level q over the images to label (the null rows are not in the family)."""
     import numpy as np
 
     from ganprint.conformal import bh_flags, check_q
 
     q = check_q(q)
+    if pvalues is None and reason:
+        raise GanprintError(f"{source}: --fdr: {reason}; embed more known non-members with the test images")
     if pvalues is None:
         raise GanprintError(f"{source}: --fdr needs known non-members scored the same way: run simmatrix with "
                             "--reference EMB (embeddings whose label-0 rows, e.g. the dev real_not_used images, "
@@ -283,6 +285,7 @@ def predict_auto(
     fdr: float | None = None,
     threshold: float | None = None,
     nested: bool = True,
+    null_fraction: float = 0.5,
 ) -> Prediction:
     """Automatic selection (ganprint.select) over every (feature space, attack) candidate.
 
@@ -291,10 +294,17 @@ def predict_auto(
     of those feature spaces (any order).  ``config``: ganprint.select.SelectConfig.  Decision: the
     chosen procedure's kappa-optimal cut fitted on dev (default), ``fdr`` Q (BH on conformal
     p-values), ``quantile`` or ``balanced``.
+
+    p-values: the known non-members of the test artifacts (the null) that are also labelled dev
+    images are split (ganprint.conformal.calibration_split, seeded by ``config.seed``): a share
+    ``null_fraction`` of them, whole near-duplicate groups, is held out of selection and is the
+    null; the rest enters selection and leaves the null.  The split is recorded under
+    ``selection.calibration_split``.
     """
     import numpy as np
 
     from ganprint.candidates import collect, load_spaces
+    from ganprint.conformal import calibration_split
     from ganprint.select import SINGLE, SelectConfig, candidate_matrix, select
 
     rule = _choose_rule(threshold, None, quantile, balanced, fdr, auto=True)
@@ -308,29 +318,19 @@ def predict_auto(
                             "real_used/ and real_not_used/ images")
     y = y[spaces[0].dev_order]
     known = np.isfinite(y)
-    groups, ginfo = _dev_groups(spaces, known, y[known].astype(np.int64))
-    sel = select(X_dev[known], y[known].astype(np.int64), names, cfg, nested=nested, groups=groups)
+    yk = y[known].astype(np.int64)
+    kid = [i for i, k in zip(dev_ids, known) if k]
+    groups, ginfo = _dev_groups(spaces, known, yk)
+    # the known non-members that calibrate the p-values must not take part in the selection
+    null0 = next((c.null for c in cands if c.null is not None), None)
+    split = calibration_split(kid, yk, groups, null0.ids if null0 is not None else [], null_fraction, cfg.seed)
+    sm = split.selection if split.ok else np.ones(len(yk), dtype=bool)
+    g_sel, ginfo = _restrict_groups(groups, ginfo, sm, yk)
+    sel = select(X_dev[known][sm], yk[sm], names, cfg, nested=nested, groups=g_sel)
     proc = sel.procedure
     scores = sel.score(X_test)
     used = [cands[j] for j in proc.columns]
-    # p-values: the chosen procedure applied to null scores of the same images in every used column
-    pvalues, pinfo = None, None
-    nulls = [c.null for c in used]
-    if all(n is not None for n in nulls) and all(n.ids == nulls[0].ids and n.source == nulls[0].source
-                                                 for n in nulls):
-        N = np.full((len(nulls[0].scores), X_test.shape[1]), np.nan)
-        for j, c in enumerate(cands):  # every column with null scores of the same images
-            if c.null is not None and c.null.ids == nulls[0].ids and c.null.source == nulls[0].source:
-                N[:, j] = c.null.scores
-        from ganprint.conformal import conformal_pvalues
-
-        null_s = proc.score(N)
-        if proc.kind != SINGLE:
-            null_s = _oof_null(null_s, N, nulls[0].ids, X_dev[known], y[known].astype(np.int64),
-                               [i for i, k in zip(dev_ids, known) if k], names, sel, cfg)
-        pvalues = conformal_pvalues(scores, null_s, nulls[0].self_index)
-        pinfo = nulls[0].info()
-        pinfo["combination_null"] = "out-of-fold" if proc.kind != SINGLE else None
+    pvalues, pinfo = _calibrated_pvalues(cands, used, split, proc, scores, X_test.shape[1])
     # known non-members added to the test artifacts are the null, not images to label
     from ganprint.candidates import output_rows
 
@@ -341,15 +341,17 @@ def predict_auto(
     pvalues = None if pvalues is None else pvalues[keep]
     name = "+".join(f"{s.test.base}" for s in spaces)
     if rule in ("fdr", "quantile", "balanced"):
-        dec = _uncalibrated_decision(rule, scores, test_ids, pvalues, fdr, quantile, name)
+        dec = _uncalibrated_decision(rule, scores, test_ids, pvalues, fdr, quantile, name,
+                                     (pinfo or {}).get("reason"))
     else:
         dec = Decision(sel.decide(X_test), "calibrate", float(proc.threshold),
-                       dev={"paths": [str(Path(s.dev.base).resolve()) for s in spaces], "n": int(known.sum()),
-                            "n_pos": int(y[known].sum())})
+                       dev={"paths": [str(Path(s.dev.base).resolve()) for s in spaces], "n": int(sm.sum()),
+                            "n_pos": int(yk[sm].sum())})
     info = sel.to_dict()
     info["candidate_info"] = {c.name: c.info for c in cands}
     info["skipped"] = skipped
     info["groups"] = ginfo
+    info["calibration_split"] = split.info
     chosen_space = next((s for s in spaces if s.name == used[0].info.get("space")), spaces[0])
     truth = _truth(spaces[0].test.table)
     if truth is not None:
@@ -360,10 +362,43 @@ def predict_auto(
                       [s.describe() for s in spaces])
 
 
-def _uncalibrated_decision(rule: str, scores, ids, pvalues, fdr, quantile, name: str) -> "Decision":
+def _calibrated_pvalues(cands, used, split, proc, scores, F: int):
+    """(p [M], info) of the chosen procedure's test ``scores`` against the null scores of the
+    calibration images (``split.calibration_ids``) in every column it uses; (None, info or None)."""
+    import numpy as np
+
+    from ganprint.conformal import conformal_pvalues
+
+    nulls = [c.null for c in used]
+    if not nulls or any(n is None for n in nulls):
+        return None, None
+    if not split.ok:
+        return None, {"null": None, "reason": split.info.get("reason")}
+    ref = nulls[0]
+    if any(n.ids != ref.ids or n.source != ref.source for n in nulls):
+        return None, {"null": None, "reason": "the chosen candidate's columns have null scores of different images"}
+    cal = set(split.calibration_ids)
+    rows = np.asarray([r for r, i in enumerate(ref.ids) if i in cal], dtype=np.int64)
+    if len(rows) == 0:
+        return None, {"null": None, "reason": "no calibration image among the chosen candidate's null images"}
+    N = np.full((len(rows), F), np.nan)
+    for j, c in enumerate(cands):  # every column with null scores of the same images
+        if c.null is not None and c.null.ids == ref.ids and c.null.source == ref.source:
+            N[:, j] = np.asarray(c.null.scores, dtype=np.float64)[rows]
+    remap = np.full(len(ref.ids), -1, dtype=np.int64)
+    remap[rows] = np.arange(len(rows))
+    si = np.asarray(ref.self_index, dtype=np.int64)
+    self_index = np.where(si >= 0, remap[np.maximum(si, 0)], -1)  # a test image that is a calibration image
+    p = conformal_pvalues(scores, proc.score(N), self_index)
+    return p, {**ref.info(), "n_null": int(len(rows)), "n_left_out": int((self_index >= 0).sum()),
+               "n_null_offered": int(len(ref.ids)), "split": "calibration_split"}
+
+
+def _uncalibrated_decision(rule: str, scores, ids, pvalues, fdr, quantile, name: str,
+                           reason: str | None = None) -> "Decision":
     """The rules that need no dev labels: ``fdr`` (BH on the p-values), ``quantile``, ``balanced``."""
     if rule == "fdr":
-        return _fdr_decision(pvalues, fdr, name)
+        return _fdr_decision(pvalues, fdr, name, reason)
     q = 0.5 if rule == "balanced" else float(quantile)
     labels, thr = decide_quantile(scores, q, ids)
     return Decision(labels, rule, thr, quantile=q)
@@ -393,30 +428,19 @@ def _dev_groups(spaces, known, y):
     return g, info
 
 
-def _oof_null(null_s, N, null_ids, X, y, ids, names, sel, cfg):
-    """Null scores of a *fitted* combination, out of fold for null images that are labelled dev
-    images: a stacker scores its own training non-members lower than fresh ones, which would make
-    the p-values of fresh non-members too small."""
+def _restrict_groups(groups, info, mask, y):
+    """The groups of the rows ``mask`` that enter selection, with their counts; None (every image
+    alone) when fewer than 2 groups of a class remain."""
     import numpy as np
-    from sklearn.model_selection import StratifiedKFold
 
-    from ganprint.select import candidate_names, fit_procedure
-
-    pos = {i: n for n, i in enumerate(ids)}
-    rows = np.asarray([pos.get(i, -1) for i in null_ids])
-    if not (rows >= 0).any():
-        return null_s
-    out = np.asarray(null_s, dtype=np.float64).copy()
-    idx = candidate_names(names, cfg).index(sel.chosen)
-    k = min(cfg.folds, int(np.bincount(y, minlength=2).min()))
-    for tr, te in StratifiedKFold(n_splits=k, shuffle=True, random_state=cfg.seed).split(X, y):
-        part = fit_procedure(X[tr], y[tr], idx, names, cfg)
-        hit = np.flatnonzero(np.isin(rows, te))
-        if len(hit):
-            s = part.score(N[hit])
-            ok = np.isfinite(s)  # a column without null scores: keep the full fit's score
-            out[hit[ok]] = s[ok]
-    return out
+    if groups is None:
+        return None, info
+    g = np.asarray(groups)[mask]
+    per_class = [len(np.unique(g[y[mask] == c])) for c in (0, 1)]
+    out = {**info, "n": int(len(g)), "n_groups": int(len(np.unique(g))), "groups_per_class": per_class}
+    if min(per_class) < 2:
+        return None, {**out, "rule": None, "reason": "fewer than 2 groups in a class: every image its own group"}
+    return g, out
 
 
 def scores_table(pred: Prediction):
@@ -493,6 +517,7 @@ def run_predict(
     balanced: bool = False,
     fdr: float | None = None,
     config=None,
+    null_fraction: float = 0.5,
     submission: str | os.PathLike | None = None,
     header: bool = False,
     write_csv: bool = True,
@@ -516,7 +541,7 @@ def run_predict(
         sims = list(sim) if isinstance(sim, (list, tuple)) else [sim]
         devs = list(calibrate) if isinstance(calibrate, (list, tuple)) else ([] if calibrate is None else [calibrate])
         pred = predict_auto(sims, devs, config=config, threshold=threshold, quantile=quantile, balanced=balanced,
-                            fdr=fdr)
+                            fdr=fdr, null_fraction=null_fraction)
     else:
         if isinstance(sim, (list, tuple)) or isinstance(calibrate, (list, tuple)):
             sims = list(sim) if isinstance(sim, (list, tuple)) else [sim]

@@ -228,32 +228,6 @@ def test_candidate_sources_are_pluggable(spaces):
         CANDIDATE_SOURCES.pop("oracle_test", None)
 
 
-def test_fitted_combination_null_scores_are_out_of_fold():
-    """Null images that trained the stacker are scored by fits that did not see them."""
-    from ganprint.predict import _oof_null
-    from ganprint.select import candidate_names, fit_procedure
-    from ganprint.select import select as run_select
-
-    rng = np.random.default_rng(0)
-    n = 80
-    y = np.r_[np.ones(40), np.zeros(40)].astype(int)
-    X = rng.standard_normal((n, 4)) + 0.9 * y[:, None]
-    names = [f"s/c{j}" for j in range(4)]
-    cfg = SelectConfig(folds=4, repeats=1, outer_folds=3, outer_repeats=1, noise=0.0)
-    sel = run_select(X, y, names, cfg, nested=False)
-    idx = candidate_names(names, cfg).index("stack(top3)")
-    sel.procedure = fit_procedure(X, y, idx, names, cfg)
-    sel.chosen = "stack(top3)"
-    ids = [f"i{k}" for k in range(n)]
-    null_rows = np.flatnonzero(y == 0)
-    N = X[null_rows]
-    full = sel.procedure.score(N)
-    oof = _oof_null(full, N, [ids[r] for r in null_rows], X, y, ids, names, sel, cfg)
-    assert not np.allclose(oof, full)
-    # a fresh fit scores its own training non-members lower than held-out ones, on average
-    assert oof.mean() > full.mean()
-
-
 def test_auto_keeps_near_duplicate_dev_images_in_one_cv_group(tmp_path):
     """Neighbouring slices of one patient (here: each dev real image twice, with tiny noise) are one
     group for selection's CV; independent images stay alone (ganprint.groups)."""
@@ -278,3 +252,72 @@ def test_auto_keeps_near_duplicate_dev_images_in_one_cv_group(tmp_path):
     # no twins: far more groups than half the images (in 6 dimensions some independent images
     # still fall that close, so not every image is alone)
     assert ga["n_groups"] > ga["n"] / 2
+
+
+def test_calibration_non_members_never_reach_selection(spaces, monkeypatch):
+    """The known non-members whose scores are the null take no part in selection (its CV, the
+    choice, the fitted cut): a column that is each dev image's index shows which rows selection got."""
+    import ganprint.select as S
+    from ganprint.candidates import CANDIDATE_SOURCES, register_candidate_source
+    from ganprint.conformal import conformal_pvalues
+
+    def index_source(space):
+        ids = [str(i) for i in space.dev.table["image_id"].to_numpy()[space.dev_order]]
+        # a seeded permutation of the row index: carries no label information, names each row
+        seen["perm"] = np.random.default_rng(0).permutation(len(ids))
+        seen["dev_ids"] = ids
+        return [S.CandidateScores(f"{space.name}/index", seen["perm"].astype(float),
+                                  np.zeros(len(space.test_order)), info={"space": space.name})]
+
+    seen: dict = {}
+    real_select = S.select
+
+    def spy(X, y, names, *a, **k):
+        seen["index"] = np.asarray(X)[:, list(names).index("pixels/index")].astype(int)
+        return real_select(X, y, names, *a, **k)
+
+    register_candidate_source("index_test", index_source)
+    monkeypatch.setattr(S, "select", spy)
+    try:
+        pred = predict_auto([spaces["pixels"]["test_null"]], [spaces["pixels"]["dev"]], config=FAST, fdr=0.1,
+                            attacks=["gan_leaks_cal"])
+    finally:
+        CANDIDATE_SOURCES.pop("index_test", None)
+    split = pred.selection["calibration_split"]
+    cal = set(split["calibration_ids"])
+    row_of = np.argsort(seen["perm"])
+    in_selection = {seen["dev_ids"][row_of[v]] for v in seen["index"]}
+    assert cal and not cal & in_selection
+    assert split["n_calibration"] == len(cal) == pred.pvalue_info["n_null"] == 3 * N_POS // 2
+    # (a held-out near-duplicate group may take a non-null image along: at most 4N - |cal| remain)
+    assert pred.selection["n"] == len(in_selection) == split["n_selection"] <= 4 * N_POS - len(cal)
+    # the p-values are against the calibration images only, scored like the test images
+    assert pred.selection["chosen"] == "pixels/gan_leaks_cal"
+    from ganprint.candidates import FeatureSpace, attack_candidates, load_spaces
+
+    sp, _, _ = load_spaces([spaces["pixels"]["test_null"]], [spaces["pixels"]["dev"]])
+    c = attack_candidates(sp[0], ["gan_leaks_cal"])[0]
+    rows = [r for r, i in enumerate(c.null.ids) if i in cal]
+    keep = [n for n, i in enumerate(sp[0].test.table["image_id"].to_numpy()[sp[0].test_order])
+            if str(i).startswith("test_")]
+    np.testing.assert_allclose(pred.pvalues, conformal_pvalues(c.test[keep], c.null.scores[rows]))
+    assert isinstance(sp[0], FeatureSpace)
+
+
+def test_null_fraction_option(spaces, tmp_path):
+    a = predict_auto([spaces["pixels"]["test_null"]], [spaces["pixels"]["dev"]], config=FAST, null_fraction=0.75)
+    assert a.pvalue_info["n_null"] == 36 and a.selection["calibration_split"]["fraction"] == 0.75
+    # deterministic for a seed; another seed, another split
+    again = predict_auto([spaces["pixels"]["test_null"]], [spaces["pixels"]["dev"]], config=FAST, null_fraction=0.75)
+    assert again.selection["calibration_split"] == a.selection["calibration_split"]
+    np.testing.assert_array_equal(again.pvalues, a.pvalues)
+    other = predict_auto([spaces["pixels"]["test_null"]], [spaces["pixels"]["dev"]], null_fraction=0.75,
+                         config=SelectConfig(folds=3, repeats=1, outer_folds=3, outer_repeats=1, seed=1))
+    assert other.selection["calibration_split"]["calibration_ids"] != a.selection["calibration_split"]["calibration_ids"]
+    res = CliRunner().invoke(app, ["predict", str(spaces["pixels"]["test_null"]), "--attack", "auto", "--calibrate",
+                                   str(spaces["pixels"]["dev"]), "--null-fraction", "1.5", "--out",
+                                   str(tmp_path / "x")])
+    assert res.exit_code != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and "--null-fraction" in lines[0]
+    assert not list(tmp_path.glob("x*"))

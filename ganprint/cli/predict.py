@@ -66,7 +66,11 @@ def predict(
     fdr: Optional[float] = typer.Option(None, "--fdr", help="Rule: flag images by Benjamini-Hochberg at false discovery "
                                                            "rate Q on conformal p-values (needs simmatrix --reference "
                                                            "or labelled non-members)."),
-    seed: int = typer.Option(0, "--seed", help="--attack auto: seed of the cross-validation splits."),
+    seed: int = typer.Option(0, "--seed", help="--attack auto: seed of the cross-validation splits and of the "
+                                               "selection / calibration split of the known non-members."),
+    null_fraction: float = typer.Option(0.5, "--null-fraction", help="--attack auto: share of the known non-members "
+                                                                    "(dev images embedded with the test images) held "
+                                                                    "out of selection to calibrate the p-values."),
     submission: Optional[Path] = typer.Option(None, "--submission", "-s", help="Submission CSV path [default: OUT.csv]."),
     header: bool = typer.Option(False, "--header", help="Seed's variant: header line 'original_image,label' (the official format has none)."),
     no_csv: bool = typer.Option(False, "--no-csv", help="Write only the scores artifact."),
@@ -108,7 +112,8 @@ def predict(
         from ganprint.select import SelectConfig
 
         res = run_predict(sim_args, out, "auto", None, threshold=threshold, calibrate=dev_args, quantile=quantile,
-                          balanced=balanced, fdr=fdr, config=SelectConfig(seed=seed), submission=submission,
+                          balanced=balanced, fdr=fdr, config=SelectConfig(seed=seed), null_fraction=null_fraction,
+                          submission=submission,
                           header=header, write_csv=not no_csv)
     else:
         from ganprint.attacks import parse_params
@@ -142,6 +147,13 @@ def predict(
         if res.submission:
             msg += f"; submission {res.submission}"
         log(msg)
+        if d.rule == "fdr" and res.n_pos == 0 and pred.pvalue_info and pred.pvalue_info.get("n_null"):
+            import math
+
+            k = math.ceil(len(pred.image_ids) / (d.quantile * (pred.pvalue_info["n_null"] + 1)) - 1e-9)
+            log(f"note: with {pred.pvalue_info['n_null']} known non-members as the null, BH at {d.quantile:g} flags "
+                f"nothing unless at least {k} of the {len(pred.image_ids)} images score above every one of them; "
+                "more known non-members buy power")
         if d.dev and d.dev.get("same_as_test"):
             log("[yellow]warning[/yellow]: calibrated on the images it labels: the dev kappa is optimistic; "
                 "calibrate on a separate dev set to estimate performance")
