@@ -319,25 +319,9 @@ def verify_candidates(queries: LocalSet, keys: LocalSet, candidates, *, ratio: f
         if on_query is not None:
             on_query()
 
-    nthreads = threads or torch.get_num_threads()
-    prev = torch.get_num_threads()
-    if nthreads > 1:
-        from concurrent.futures import ThreadPoolExecutor
+    from ganprint.verify_register import map_queries
 
-        import cv2
-
-        prev_cv = cv2.getNumThreads()
-        torch.set_num_threads(1)  # parallel over queries; torch and OpenCV release the GIL
-        cv2.setNumThreads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=nthreads) as pool:
-                list(pool.map(one, range(Q)))
-        finally:
-            torch.set_num_threads(prev)
-            cv2.setNumThreads(prev_cv)
-    else:
-        for q in range(Q):
-            one(q)
+    map_queries(one, Q, threads)
     return Verified(torch.from_numpy(values), torch.from_numpy(indices), torch.from_numpy(matches),
                     torch.from_numpy(transform))
 

@@ -307,24 +307,7 @@ def register_candidates(queries: GridSet, keys: GridSet, candidates, *, max_angl
         if on_query is not None:
             on_query()
 
-    nthreads = threads or torch.get_num_threads()
-    if nthreads > 1 and Q > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        import cv2
-
-        prev, prev_cv = torch.get_num_threads(), cv2.getNumThreads()
-        torch.set_num_threads(1)  # parallel over queries instead
-        cv2.setNumThreads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=nthreads) as pool:
-                list(pool.map(one, range(Q)))
-        finally:
-            torch.set_num_threads(prev)
-            cv2.setNumThreads(prev_cv)
-    else:
-        for q in range(Q):
-            one(q)
+    map_queries(one, Q, threads)
     return {"values": values, "indices": indices, "matches": matches, "transform": transform}
 
 
@@ -371,3 +354,29 @@ def load_grids(paths) -> list[GridSet]:
         raise ArtifactError(f"{sets[0].source} and {sets[-1].source}: image grids of different sizes "
                             f"({', '.join(str(x) for x in sorted(sizes))} px); embed all with the same --image-size")
     return sets
+
+
+def map_queries(one, n: int, threads: int | None = None) -> None:
+    """Call ``one(q)`` for q in range(n), on ``threads`` threads (default torch's count) when that
+    is more than one: parallel over queries, torch and OpenCV held at one thread each meanwhile
+    (both release the GIL), their thread counts restored afterwards."""
+    import torch
+
+    nthreads = threads or torch.get_num_threads()
+    if nthreads <= 1 or n <= 1:
+        for q in range(n):
+            one(q)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cv2
+
+    prev, prev_cv = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=nthreads) as pool:
+            list(pool.map(one, range(n)))
+    finally:
+        torch.set_num_threads(prev)
+        cv2.setNumThreads(prev_cv)
