@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from ganprint.cli.main import app
+from tests.synth.helpers import run_cli, digests
 
 # 16 px UNet of width 4, 12 steps, 2 DDIM steps: seconds on 2 cores
 TINY = ["--generator", "ddpm", "--size", "32", "--gan-res", "16", "--gan-width", "4", "--steps", "12",
         "--batch-size", "4", "--dev-real", "3", "--test-real", "2", "--dev-generated", "5",
         "--test-generated", "6", "--ddpm-sample-steps", "2", "--log-every", "4", "--threads", "1",
         "--quiet", "--seed", "4"]
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(app, ["synth", *args])
-
-
-def digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "synth.json"}
 
 
 @pytest.fixture(scope="module")

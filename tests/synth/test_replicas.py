@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from ganprint.cli.main import app
+from tests.synth.helpers import run_cli, digests
 
 TINY = ["--size", "32", "--gan-res", "16", "--gan-width", "4", "--z-dim", "8", "--steps", "20",
         "--batch-size", "8", "--dev-real", "5", "--test-real", "4", "--dev-generated", "10",
         "--test-generated", "12", "--log-every", "10", "--threads", "1", "--quiet", "--seed", "7"]
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(app, ["synth", *args])
-
-
-def digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "synth.json"}
 
 
 @pytest.fixture(scope="module")

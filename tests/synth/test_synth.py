@@ -9,19 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from ganprint.cli.main import app
 from ganprint.errors import GanprintError
+from tests.synth.helpers import run_cli
 
 # a tiny run: 32 px images, a 16 px GAN with 4 channels, 30 steps (seconds on 2 cores)
 TINY = ["--size", "32", "--gan-res", "16", "--gan-width", "4", "--z-dim", "8", "--steps", "30",
         "--batch-size", "8", "--dev-real", "5", "--test-real", "4", "--dev-generated", "6",
         "--test-generated", "7", "--log-every", "10", "--threads", "1", "--quiet"]
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(app, ["synth", *args])
 
 
 def sha(path: Path) -> str:
