@@ -20,9 +20,14 @@ Writes OUT/quality.md (markdown table) and OUT/quality.json; prints a table per 
 
 Automatic selection (`--auto`, issue 12): every regime x generator x seed
 (`--regimes memorize,balanced,generalize,copies --generators dcgan --seeds 0,1,2`), each in
-OUT/<regime>-<generator>-s<seed>/.  The test embeddings hold the dev real_not_used images too
-(`embed TEST DEV/real_not_used`): known non-members scored in the same context as the test
-images, so every test scores artifact has conformal p-values; they are not predicted.
+OUT/<regime>-<generator>-s<seed>/.  Each synth data set has a reference pool of known non-members
+of its own patients (`synth --reference-real`, `--reference 200`; 0: none).  The test embeddings
+hold the dev real_not_used images and that pool too (`embed TEST DEV/real_not_used
+REF/real_not_used`): known non-members scored in the same context as the test images, so every
+test scores artifact has conformal p-values; they are not predicted.  With a pool, the pool is the
+null and selection uses every dev image (`--null-fraction auto`); without, half the dev
+non-members are held out of selection to be the null.  Verified candidates (`--auto-verify`,
+default register16,register32): the pixel shortlist re-scored by `simmatrix --verify`.
 Rows: every (feature space, attack) calibrated on dev, the seed's rule, and `auto`
 (`predict --attack auto` over all of them: chosen by repeated stratified CV on dev, its
 nested-CV estimate printed beside the test value); FDR: BH at Q = 0.1 on the auto p-values,
@@ -130,16 +135,24 @@ def _synth_cached(root: Path, overrides: dict, progress: bool) -> None:
     run_synth(root, resolve_config(**overrides), force=True, progress=progress)
 
 
+def null_inputs(root: Path) -> dict[str, list[str]]:
+    """The folders embedded per split: dev, and test with the known non-members added (the dev
+    non-members, and the reference pool when synth made one: the null for p-values, scored in the
+    same context as the test images; predict leaves them out of its output)."""
+    test = [str(root / "test"), str(root / "dev" / "real_not_used")]
+    if (root / "reference" / "real_not_used").is_dir():
+        test.append(str(root / "reference" / "real_not_used"))
+    return {"dev": [str(root / "dev")], "test": test}
+
+
 def _embed_with_null(root: Path, work: Path, bb: str, progress: bool):
-    """dev embeddings, and test embeddings with the dev non-members added (the null for p-values:
-    scored in the same context as the test images; predict leaves them out of its output)."""
     from ganprint.benchmark import FeatureSet, add_similarity
     from ganprint.embed import run_embed
 
     work.mkdir(parents=True, exist_ok=True)
-    dev = run_embed([str(root / "dev")], work / f"{bb}_dev", backbone=bb, progress=progress).base
-    test = run_embed([str(root / "test"), str(root / "dev" / "real_not_used")], work / f"{bb}_testnull",
-                     backbone=bb, progress=progress).base
+    dirs = null_inputs(root)
+    dev = run_embed(dirs["dev"], work / f"{bb}_dev", backbone=bb, progress=progress).base
+    test = run_embed(dirs["test"], work / f"{bb}_testnull", backbone=bb, progress=progress).base
     return add_similarity(FeatureSet(bb, dev, test), work)
 
 
@@ -194,6 +207,8 @@ def run_auto(regime: str, generator: str, seed: int, out: Path, args) -> dict:
     synth = {"regime": regime, "seed": seed, **args.synth}
     if generator != "dcgan":
         synth["generator"] = generator
+    if args.reference:
+        synth["reference_real"] = args.reference
     _synth_cached(root, synth, progress=not args.quiet)
     timings = {"synth": time.perf_counter() - t}
     truth = B.read_truth(root)
@@ -204,6 +219,14 @@ def run_auto(regime: str, generator: str, seed: int, out: Path, args) -> dict:
         sets.append(fs)
         rows += B.attack_rows(fs, truth, seed_rule=(i == 0), bootstrap=args.bootstrap)
         timings[f"embed+attacks {bb}"] = time.perf_counter() - t
+    shortlist = next((fs for fs in sets if fs.name == "pixels"), sets[-1])
+    for kind in args.auto_verify:  # verified candidates: the pixel shortlist re-scored (issue 11)
+        t = time.perf_counter()
+        vfs = B.add_verified(shortlist, root, work, kind, k=args.verify_k, progress=not args.quiet,
+                             inputs=null_inputs(root))
+        sets.append(vfs)
+        rows += B.attack_rows(vfs, truth, ["verify_max", "verify_cal"], bootstrap=args.bootstrap)
+        timings[f"verify {kind}"] = time.perf_counter() - t
     auto = _auto_row(sets, truth, args.bootstrap, args.fdr, seed)
     timings["auto"] = auto["auto_seconds"]
     rows.append(auto)
@@ -342,9 +365,16 @@ def main() -> int:
     ap.add_argument("--seeds", default="0", help="--auto: synth seeds, e.g. 0,1,2")
     ap.add_argument("--fdr", type=float, default=0.1, help="--auto: BH level for the FDR columns")
     ap.add_argument("--fresh", action="store_true", help="--auto: forget the runs already in OUT/auto.json")
+    ap.add_argument("--reference", type=int, default=200,
+                    help="--auto: synth --reference-real: known non-members outside dev (the p-value null; 0: none, "
+                         "then half the dev non-members are held out of selection to calibrate)")
+    ap.add_argument("--auto-verify", default="register16,register32",
+                    help="--auto: verified candidates (simmatrix --verify of the pixel shortlist), e.g. register16,sift; "
+                         "empty: none")
     args = ap.parse_args()
     args.seeds = [int(v) for v in args.seeds.split(",") if v]
     args.backbones = [b for b in args.backbones.split(",") if b]
+    args.auto_verify = [v for v in args.auto_verify.split(",") if v]
     args.synth = {k: _synth_value(v) for k, v in (kv.split("=") for kv in args.synth.split(",") if kv)}
 
     if args.auto:

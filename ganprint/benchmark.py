@@ -68,16 +68,21 @@ def add_similarity(fs: FeatureSet, work: Path) -> FeatureSet:
 
 
 def add_verified(fs: FeatureSet, root: Path, work: Path, kind: str = "sift", k: int = 50,
-                 max_keypoints: int = 400, progress: bool = False) -> FeatureSet:
+                 max_keypoints: int = 400, progress: bool = False,
+                 inputs: dict[str, list[str]] | None = None) -> FeatureSet:
     """``fs`` with geometric verification: local features (``embed --backbone kind``) of dev and
-    test, and similarity artifacts ``simmatrix --verify`` whose shortlist is ``fs``'s global top-k."""
+    test, and similarity artifacts ``simmatrix --verify`` whose shortlist is ``fs``'s global top-k.
+
+    ``inputs``: the folders ``fs`` embedded per split (``{"dev": [...], "test": [...]}``; default
+    ROOT/dev and ROOT/test), so the local artifacts hold the same images."""
     from ganprint.embed import run_embed
     from ganprint.similarity import run_simmatrix
 
     # "register" / "register16": registration on raw-pixel grids (default 32 px); else local features
     how = ({"backbone": "pixels", "image_size": int(kind[8:] or 32)} if kind.startswith("register")
            else {"backbone": kind, "max_keypoints": max_keypoints})
-    local = {split: run_embed([str(Path(root) / split)], work / f"{kind}_{split}", **how, progress=progress).base
+    dirs = inputs or {split: [str(Path(root) / split)] for split in ("dev", "test")}
+    local = {split: run_embed(list(dirs[split]), work / f"{kind}_{split}", **how, progress=progress).base
              for split in ("dev", "test")}
     name = f"{fs.name}+verify({kind})"
     out = FeatureSet(name, fs.dev, fs.test, extra={"local": local})

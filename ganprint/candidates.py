@@ -179,7 +179,17 @@ def _space_key(prov: Mapping[str, Any]) -> str:
 
     from ganprint.similarity import comparable_key
 
-    return json.dumps({**comparable_key(dict(prov)), "metric": prov.get("metric")}, sort_keys=True, default=str)
+    return json.dumps({**comparable_key(dict(prov)), "metric": prov.get("metric"), "verify": _verify_key(prov)},
+                      sort_keys=True, default=str)
+
+
+def _verify_key(prov: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What makes a ``simmatrix --verify`` artifact its own feature space: the method and its
+    parameters (not its input paths, which differ between dev and test)."""
+    v = prov.get("verify")
+    if not isinstance(v, Mapping):
+        return None
+    return {k: v.get(k) for k in ("method", "local", "registration", "k_requested", "ratio", "reproj", "score")}
 
 
 def _space_name(prov: Mapping[str, Any]) -> str:
@@ -190,6 +200,10 @@ def _space_name(prov: Mapping[str, Any]) -> str:
         name += f"+ckpt:{str(digest)[:8]}"
     if prov.get("metric") not in (None, "cosine"):
         name += f"[{prov.get('metric')}]"
+    v = _verify_key(prov)
+    if v:
+        local = v.get("local") or {}
+        name += f"+verify({v.get('method') or local.get('detector')}{local.get('size') or ''})"
     return name
 
 

@@ -155,7 +155,27 @@ def _group_key(seed: int, ids: Sequence[str]) -> bytes:
     return hashlib.sha256(f"{int(seed)}|{min(ids)}".encode()).digest()
 
 
-def calibration_split(dev_ids, labels, groups, null_ids, fraction: float = 0.5, seed: int = 0,
+AUTO_FRACTION = 0.5  # the held-out share when no known non-member lies outside the dev set
+
+
+def resolve_fraction(fraction: float | None, n_outside: int) -> tuple[float, str]:
+    """(the share of the dev set's known non-members held out of selection, why).
+
+    ``None`` (auto): 0 when known non-members outside the labelled dev set are offered (a reference
+    pool: they calibrate without costing selection a single labelled image), else 0.5."""
+    if fraction is None:
+        if n_outside:
+            return 0.0, (f"auto: {n_outside} known non-members outside the dev set calibrate; every labelled "
+                         "dev image enters selection")
+        return AUTO_FRACTION, (f"auto: no known non-member outside the dev set; {AUTO_FRACTION:g} of the dev "
+                               "set's are held out of selection to calibrate")
+    if not (0.0 <= float(fraction) < 1.0):
+        raise GanprintError(f"--null-fraction {fraction}: the share of known non-members held out of selection to "
+                            "calibrate the p-values must be in [0, 1), e.g. 0.5 (or auto)")
+    return float(fraction), "given"
+
+
+def calibration_split(dev_ids, labels, groups, null_ids, fraction: float | None = None, seed: int = 0,
                       min_groups: int = 2) -> CalibrationSplit:
     """Split the known non-members between selection and p-value calibration.
 
@@ -166,12 +186,10 @@ def calibration_split(dev_ids, labels, groups, null_ids, fraction: float = 0.5, 
     seeded share (``fraction`` of those images, whole groups, ordered by a digest of seed and
     ids) is held out: its dev rows leave selection, its null images calibrate; the others stay in
     selection and leave the null.  Selection keeps at least ``min_groups`` groups of each class.
+    ``fraction`` None: :func:`resolve_fraction`'s rule.
     """
     import numpy as np
 
-    if not (0.0 < float(fraction) < 1.0):
-        raise GanprintError(f"--null-fraction {fraction}: the share of known non-members held out of selection to "
-                            "calibrate the p-values must be in (0, 1), e.g. 0.5")
     ids = [str(i) for i in dev_ids]
     y = np.asarray(labels, dtype=np.int64)
     n = len(ids)
@@ -180,15 +198,22 @@ def calibration_split(dev_ids, labels, groups, null_ids, fraction: float = 0.5, 
     dev_pos = {i: r for r, i in enumerate(ids)}
     overlap = [dev_pos[i] for i in nulls if i in dev_pos]
     outside = [i for i in nulls if i not in dev_pos]
+    fraction, why = resolve_fraction(fraction, len(outside))
     info: dict[str, Any] = {"rule": "known non-members that are labelled dev images: a seeded share of their "
                                     "near-duplicate groups calibrates the p-values, the rest enters selection",
-                            "fraction": float(fraction), "seed": int(seed), "n_null": len(nulls),
+                            "fraction": float(fraction), "fraction_reason": why, "seed": int(seed), "n_null": len(nulls),
                             "n_null_outside_dev": len(outside), "n_null_in_dev": len(overlap)}
     keep = np.ones(n, dtype=bool)
-    if not overlap:
-        info.update({"n_calibration": len(nulls), "n_selection": n, "n_held_out_of_selection": 0,
-                     "calibration_ids": sorted(nulls)})
-        return CalibrationSplit(keep, sorted(nulls), len(nulls) >= 1, info)
+    if not overlap or fraction == 0.0:
+        if not outside:
+            info.update({"n_calibration": 0, "n_selection": n, "n_held_out_of_selection": 0, "calibration_ids": [],
+                         "reason": ("no known non-members offered" if not nulls else
+                                    "--null-fraction 0 keeps every dev non-member in selection and no known "
+                                    "non-member lies outside the dev set") + "; no p-values"})
+            return CalibrationSplit(keep, [], False, info)
+        info.update({"n_calibration": len(outside), "n_selection": n, "n_held_out_of_selection": 0,
+                     "n_selection_nonmembers": int((y == 0).sum()), "calibration_ids": sorted(outside)})
+        return CalibrationSplit(keep, sorted(outside), True, info)
     in_null = np.zeros(n, dtype=bool)
     in_null[overlap] = True
     cand = sorted({int(v) for v in g[in_null]},

@@ -285,7 +285,7 @@ def predict_auto(
     fdr: float | None = None,
     threshold: float | None = None,
     nested: bool = True,
-    null_fraction: float = 0.5,
+    null_fraction: float | None = None,
 ) -> Prediction:
     """Automatic selection (ganprint.select) over every (feature space, attack) candidate.
 
@@ -298,8 +298,9 @@ def predict_auto(
     p-values: the known non-members of the test artifacts (the null) that are also labelled dev
     images are split (ganprint.conformal.calibration_split, seeded by ``config.seed``): a share
     ``null_fraction`` of them, whole near-duplicate groups, is held out of selection and is the
-    null; the rest enters selection and leaves the null.  The split is recorded under
-    ``selection.calibration_split``.
+    null; the rest enters selection and leaves the null.  Known non-members that are not dev images
+    (a reference pool) always calibrate; ``null_fraction`` None (auto) is 0 when there are such
+    images, else 0.5.  The split is recorded under ``selection.calibration_split``.
     """
     import numpy as np
 
@@ -517,7 +518,7 @@ def run_predict(
     balanced: bool = False,
     fdr: float | None = None,
     config=None,
-    null_fraction: float = 0.5,
+    null_fraction: float | None = None,
     submission: str | os.PathLike | None = None,
     header: bool = False,
     write_csv: bool = True,

@@ -50,9 +50,30 @@ def test_split_keeps_enough_for_selection_and_checks_fraction():
     # a null disjoint from the dev set needs no split
     res = calibration_split(ids, y, g, ["x1", "x2", "x3"], 0.5)
     assert res.ok and res.selection.all() and res.calibration_ids == ["x1", "x2", "x3"]
-    for bad in (0.0, 1.0, 1.5):
+    for bad in (-0.1, 1.0, 1.5):
         with pytest.raises(GanprintError, match="--null-fraction"):
             calibration_split(ids, y, g, ids, bad)
+
+
+def test_auto_fraction_keeps_every_dev_image_in_selection_when_a_reference_pool_calibrates():
+    ids, y, g = _dev()
+    dev_null = [i for i in ids if i.startswith("n")]
+    pool = [f"ref{i:03d}" for i in range(30)]
+    # auto with a pool outside the dev set: the pool alone calibrates, selection keeps everything
+    a = calibration_split(ids, y, g, dev_null + pool, None, seed=1)
+    assert a.ok and a.selection.all() and a.calibration_ids == sorted(pool)
+    assert a.info["fraction"] == 0.0 and "outside the dev set" in a.info["fraction_reason"]
+    assert not set(a.calibration_ids) & set(ids)
+    # auto without one: half of the dev set's non-members are held out, as with 0.5
+    b = calibration_split(ids, y, g, dev_null, None, seed=1)
+    c = calibration_split(ids, y, g, dev_null, 0.5, seed=1)
+    assert b.info["fraction"] == 0.5 and b.calibration_ids == c.calibration_ids and b.calibration_ids
+    # an explicit share still splits the dev non-members, and the pool calibrates too
+    d = calibration_split(ids, y, g, dev_null + pool, 0.5, seed=1)
+    assert set(pool) < set(d.calibration_ids) and not d.selection.all()
+    # 0 without a pool: nothing may calibrate
+    e = calibration_split(ids, y, g, dev_null, 0.0)
+    assert not e.ok and e.selection.all() and "no p-values" in e.info["reason"]
 
 
 def _world(rng, F=12, n_pos=20, n_neg=40, n_test=20, rho=0.3):

@@ -321,3 +321,45 @@ def test_null_fraction_option(spaces, tmp_path):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:") and "--null-fraction" in lines[0]
     assert not list(tmp_path.glob("x*"))
+
+
+def test_reference_pool_is_the_null_and_selection_keeps_every_dev_image(spaces, tmp_path):
+    """Known non-members outside the dev set (a reference pool embedded with the test images):
+    under --null-fraction auto they alone calibrate and every labelled dev image enters selection."""
+    rng = np.random.default_rng(5)
+    dev_a = _arrays("dev", np.random.default_rng(0), True)  # the fixture's pixels dev split, rebuilt
+    test_a = _arrays("test", np.random.default_rng(0), True)
+    pool = (rng.normal(size=(40, D)), [f"reference_{i:04d}" for i in range(40)], ["real_not_used"] * 40, [0] * 40)
+    neg = [i for i, sub in enumerate(dev_a[2]) if sub == "real_not_used"]
+    dev_null = (dev_a[0][neg], [dev_a[1][i] for i in neg], ["real_not_used"] * len(neg), [0] * len(neg))
+    emb = _write(tmp_path, "pool_emb", "pixels", [test_a, dev_null, pool])
+    sim = run_simmatrix(tmp_path / "pool_sim", dataset=emb, k=5, device="cpu").base
+    dev = _write(tmp_path, "pool_dev_emb", "pixels", [dev_a])
+    dev_sim = run_simmatrix(tmp_path / "pool_dev_sim", dataset=dev, k=5, device="cpu").base
+    pred = predict_auto([sim], [dev_sim], config=FAST)
+    split = pred.selection["calibration_split"]
+    assert split["fraction"] == 0.0 and split["n_null_outside_dev"] == 40
+    assert split["calibration_ids"] == sorted(pool[1]) and pred.pvalue_info["n_null"] == 40
+    assert pred.selection["n"] == len(dev_a[1]) - N_GEN  # every labelled dev image
+    assert pred.pvalues.min() == pytest.approx(1 / 41)
+    # neither the pool nor the dev non-members are predicted
+    assert all(i.startswith("test_") for i in pred.image_ids) and len(pred.image_ids) == 2 * N_POS
+    # an explicit share still holds dev non-members out, and the pool still calibrates
+    half = predict_auto([sim], [dev_sim], config=FAST, null_fraction=0.5)
+    hs = half.selection["calibration_split"]
+    assert hs["n_calibration"] > 40 and set(pool[1]) <= set(hs["calibration_ids"])
+    assert half.selection["n"] < pred.selection["n"]
+
+
+def test_verified_artifacts_are_their_own_feature_space():
+    from ganprint.candidates import _space_key, _space_name
+
+    base = {"backbone": "pixels", "metric": "cosine", "weights_digest": "w", "preprocess": {"size": 32}}
+    ver = {"method": "register", "local": {"detector": "register", "size": 16}, "k_requested": 50,
+           "registration": {"angles": [-12, 12, 4]}, "artifacts": [{"path": "/a/dev.safetensors"}]}
+    plain, v16 = _space_key(base), _space_key({**base, "verify": ver})
+    # the same verification of another split (other input paths) is the same space
+    other_split = _space_key({**base, "verify": {**ver, "artifacts": [{"path": "/a/test.safetensors"}]}})
+    v32 = _space_key({**base, "verify": {**ver, "local": {"detector": "register", "size": 32}}})
+    assert len({plain, v16, v32}) == 3 and other_split == v16
+    assert _space_name({**base, "verify": ver}) == "pixels+verify(register16)"

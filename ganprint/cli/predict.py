@@ -68,9 +68,12 @@ def predict(
                                                            "or labelled non-members)."),
     seed: int = typer.Option(0, "--seed", help="--attack auto: seed of the cross-validation splits and of the "
                                                "selection / calibration split of the known non-members."),
-    null_fraction: float = typer.Option(0.5, "--null-fraction", help="--attack auto: share of the known non-members "
-                                                                    "(dev images embedded with the test images) held "
-                                                                    "out of selection to calibrate the p-values."),
+    null_fraction: str = typer.Option("auto", "--null-fraction", help="--attack auto: share of the dev set's known "
+                                                                   "non-members (embedded with the test images) held "
+                                                                   "out of selection to calibrate the p-values, in "
+                                                                   "[0, 1); auto: 0 when known non-members outside "
+                                                                   "the dev set are embedded too (a reference pool), "
+                                                                   "else 0.5."),
     submission: Optional[Path] = typer.Option(None, "--submission", "-s", help="Submission CSV path [default: OUT.csv]."),
     header: bool = typer.Option(False, "--header", help="Seed's variant: header line 'original_image,label' (the official format has none)."),
     no_csv: bool = typer.Option(False, "--no-csv", help="Write only the scores artifact."),
@@ -112,7 +115,7 @@ def predict(
         from ganprint.select import SelectConfig
 
         res = run_predict(sim_args, out, "auto", None, threshold=threshold, calibrate=dev_args, quantile=quantile,
-                          balanced=balanced, fdr=fdr, config=SelectConfig(seed=seed), null_fraction=null_fraction,
+                          balanced=balanced, fdr=fdr, config=SelectConfig(seed=seed), null_fraction=_fraction(null_fraction),
                           submission=submission,
                           header=header, write_csv=not no_csv)
     else:
@@ -168,3 +171,15 @@ def predict(
 
 def register(app: typer.Typer) -> None:
     app.command("predict")(predict)
+
+
+def _fraction(value: str) -> float | None:
+    """--null-fraction: ``auto`` (None) or a number (its range is checked by ganprint.conformal)."""
+    from ganprint.errors import GanprintError
+
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise GanprintError(f"--null-fraction {value}: not a number; use a share in [0, 1), e.g. 0.5, or auto") from None

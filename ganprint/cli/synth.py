@@ -28,7 +28,7 @@ def _ddpm(key: str) -> str:
 
 @handle_errors
 def synth(
-    out: Path = typer.Argument(..., help="Output folder: OUT/dev, OUT/test, OUT/test_truth.csv, OUT/synth.json, OUT/generator.safetensors (and OUT/replicas.csv with --copies)."),
+    out: Path = typer.Argument(..., help="Output folder: OUT/dev, OUT/test, OUT/test_truth.csv, OUT/synth.json, OUT/generator.safetensors (and OUT/replicas.csv with --copies, OUT/reference with --reference-real)."),
     regime: str = typer.Option("memorize", "--regime", "-r", autocompletion=_complete_regime,
                                help="memorize (few members, many steps: strong signal), balanced, generalize (many members: weak signal), or copies (balanced + 15% replicas)."),
     generator: str = typer.Option("dcgan", "--generator", "-g", autocompletion=_complete_generator,
@@ -37,6 +37,7 @@ def synth(
     size: Optional[int] = typer.Option(None, "--size", help="Output image size in pixels (square). [default: 256]"),
     dev_real: Optional[int] = typer.Option(None, "--dev-real", help=f"Dev real_used and real_not_used images, each. [default: {regime_help('dev_real')}]"),
     test_real: Optional[int] = typer.Option(None, "--test-real", help=f"Test members and non-members in real_unknown, each. [default: {regime_help('test_real')}]"),
+    reference_real: Optional[int] = typer.Option(None, "--reference-real", help="Extra known non-members (own patients, never trained on) in OUT/reference/real_not_used: a p-value null outside dev, as a data owner's own non-member images. [default: 0]"),
     dev_generated: Optional[int] = typer.Option(None, "--dev-generated", help="Generated images in dev. [default: 500]"),
     test_generated: Optional[int] = typer.Option(None, "--test-generated", help="Generated images in test. [default: 1000]"),
     slices_per_patient: Optional[int] = typer.Option(None, "--slices-per-patient", help="Neighbouring slices per phantom patient (near-duplicates). [default: 2]"),
@@ -72,7 +73,8 @@ def synth(
     from ganprint.synth import resolve_config, run_synth
 
     cfg = resolve_config(
-        regime, generator, seed=seed, size=size, dev_real=dev_real, test_real=test_real, dev_generated=dev_generated,
+        regime, generator, seed=seed, size=size, dev_real=dev_real, test_real=test_real, reference_real=reference_real,
+        dev_generated=dev_generated,
         test_generated=test_generated, slices_per_patient=slices_per_patient,
         real_dir=str(real_dir) if real_dir is not None else None, group_by_folder=group_by_folder or None,
         steps=steps, batch_size=batch_size, gan_res=gan_res, gan_width=gan_width, z_dim=z_dim, lr=lr,

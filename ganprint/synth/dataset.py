@@ -11,6 +11,9 @@ Output (``OUT``)::
     dev/real_not_used/      real_not_used_0001.png ...    non-members (label 0)
     test/generated/         generated_test_00001.png ...
     test/real_unknown/      real_unknown_0001.png ...     members and non-members, shuffled
+    reference/real_not_used/ reference_0001.png ...       only with --reference-real N > 0: more known
+                            non-members (patients of their own, never trained on, in neither split):
+                            the null a data owner's own non-member images give p-values
     test_truth.csv          image_id,label   (image_id = file name without extension)
     replicas.csv            only with --copies F > 0: the generated images that are transformed
                             copies of members (see ganprint.synth.replicas)
@@ -59,6 +62,9 @@ class SynthConfig:
     size: int = 256  # output images: size x size
     dev_real: int = 20  # dev: this many real_used and this many real_not_used
     test_real: int = 20  # test: this many members and this many non-members in real_unknown
+    # reference/real_not_used: this many extra known non-members (0 = none; the rest of the output
+    # is then identical to a run without them)
+    reference_real: int = 0
     dev_generated: int = 500
     test_generated: int = 1000
     slices_per_patient: int = 2  # neighbouring slices per phantom patient (near-duplicates)
@@ -100,7 +106,7 @@ class SynthConfig:
 
     @property
     def real_needed(self) -> int:
-        return 2 * (self.dev_real + self.test_real)
+        return 2 * (self.dev_real + self.test_real) + self.reference_real
 
 
 def resolve_config(regime: str = "memorize", generator: str = "dcgan", **overrides: Any) -> SynthConfig:
@@ -123,6 +129,7 @@ def resolve_config(regime: str = "memorize", generator: str = "dcgan", **overrid
 def _validate(cfg: SynthConfig) -> None:
     checks = [
         ("--seed", cfg.seed, 0), ("--size", cfg.size, 16), ("--dev-real", cfg.dev_real, 1), ("--test-real", cfg.test_real, 1),
+        ("--reference-real", cfg.reference_real, 0),
         ("--dev-generated", cfg.dev_generated, 1), ("--test-generated", cfg.test_generated, 1),
         ("--slices-per-patient", cfg.slices_per_patient, 1), ("--gan-width", cfg.gan_width, 1),
         ("--z-dim", cfg.z_dim, 1), ("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1),
@@ -199,9 +206,18 @@ def _groups_needed(cfg: SynthConfig) -> list[int]:
 def phantom_reals(cfg: SynthConfig, on_image=None) -> RealSet:
     from ganprint.synth.phantoms import render_patients
 
-    imgs, group, sl = render_patients(sum(_groups_needed(cfg)), cfg.slices_per_patient, cfg.size, cfg.seed, on_image)
-    source = [{"patient": int(p), "slice": int(j)} for p, j in zip(group, sl)]
-    return RealSet(imgs, group, split_groups(group, cfg), source)
+    n_main = sum(_groups_needed(cfg))
+    n_ref = math.ceil(cfg.reference_real / cfg.slices_per_patient)
+    # patient i depends on (seed, i) only: the reference patients come after the split's own, so
+    # the split, and every image of it, is what it is without them
+    imgs, group, sl = render_patients(n_main + n_ref, cfg.slices_per_patient, cfg.size, cfg.seed, on_image)
+    main = group < n_main
+    assign = np.full(len(group), -1, dtype=np.int64)
+    assign[main] = split_groups(group[main], cfg)
+    assign[np.flatnonzero(~main)[: cfg.reference_real]] = REFERENCE_CLASS
+    keep = assign >= 0
+    source = [{"patient": int(p), "slice": int(j)} for p, j in zip(group[keep], sl[keep])]
+    return RealSet(imgs[keep], group[keep], assign[keep], source)
 
 
 def folder_reals(cfg: SynthConfig, on_image=None) -> RealSet:
@@ -216,8 +232,9 @@ def folder_reals(cfg: SynthConfig, on_image=None) -> RealSet:
     if len(records) < need:
         raise GanprintError(
             f"--real-dir {cfg.real_dir}: holds {len(records)} images, the split needs {need} "
-            f"(dev {cfg.dev_real} used + {cfg.dev_real} not used, test {cfg.test_real} + {cfg.test_real}); "
-            "add images or lower --dev-real/--test-real"
+            f"(dev {cfg.dev_real} used + {cfg.dev_real} not used, test {cfg.test_real} + {cfg.test_real}"
+            f"{f', --reference-real {cfg.reference_real}' if cfg.reference_real else ''}); "
+            "add images or lower --dev-real/--test-real" + ("/--reference-real" if cfg.reference_real else "")
         )
     if cfg.group_by_folder:
         keys = [str(Path(r.relpath).parent) for r in records]
@@ -233,6 +250,8 @@ def folder_reals(cfg: SynthConfig, on_image=None) -> RealSet:
         )
     # decide the split on the file list first, so a big folder costs only the images used
     assign = split_groups(group, cfg)
+    if cfg.reference_real:
+        assign = _deal_reference(group, assign, cfg)
     keep = np.flatnonzero(assign >= 0)
     imgs, source = [], []
     for i in keep:
@@ -244,7 +263,30 @@ def folder_reals(cfg: SynthConfig, on_image=None) -> RealSet:
     return RealSet(np.stack(imgs), group[keep], assign[keep], source)
 
 
-CLASSES = (("dev", "real_used", 1), ("dev", "real_not_used", 0), ("test", "real_unknown", 1), ("test", "real_unknown", 0))
+CLASSES = (("dev", "real_used", 1), ("dev", "real_not_used", 0), ("test", "real_unknown", 1), ("test", "real_unknown", 0),
+           ("reference", "real_not_used", 0))
+REFERENCE_CLASS = 4  # --reference-real: known non-members outside dev and test
+
+
+def _deal_reference(group: np.ndarray, assign: np.ndarray, cfg: SynthConfig) -> np.ndarray:
+    """``assign`` with ``cfg.reference_real`` images of patients the split left unused as class 4
+    (whole patients, in a seeded order; a last patient may be cut short)."""
+    out = assign.copy()
+    free = np.unique(group[assign < 0])
+    used = set(np.unique(group[assign >= 0]).tolist())
+    free = np.asarray([g for g in free if g not in used], dtype=group.dtype)
+    free = free[np.random.default_rng([cfg.seed, 0x4EF]).permutation(len(free))]
+    left = cfg.reference_real
+    for g in free:
+        if left <= 0:
+            break
+        idx = np.flatnonzero(group == g)[:left]
+        out[idx] = REFERENCE_CLASS
+        left -= len(idx)
+    if left > 0:
+        raise GanprintError(f"--real-dir {cfg.real_dir}: no patients left for --reference-real {cfg.reference_real} "
+                            f"after the split ({cfg.reference_real - left} images found); add patients or lower it")
+    return out
 
 
 def split_groups(group: np.ndarray, cfg: SynthConfig) -> np.ndarray:
@@ -547,6 +589,8 @@ def _write_layout(root: Path, cfg: SynthConfig, reals: RealSet, assign: np.ndarr
     ``real_ids``, if given, is filled with ``{index into reals: its record}``."""
     for d in ("dev/generated", "dev/real_used", "dev/real_not_used", "test/generated", "test/real_unknown"):
         (root / d).mkdir(parents=True)
+    if (assign == REFERENCE_CLASS).any():
+        (root / "reference" / "real_not_used").mkdir(parents=True)
     for sub, arr in (("dev", gen_dev), ("test", gen_test)):
         for image_id, im in zip(_ids(f"generated_{sub}", len(arr), 5), arr):
             save_palette_png(im, root / sub / "generated" / f"{image_id}.png")
@@ -556,11 +600,14 @@ def _write_layout(root: Path, cfg: SynthConfig, reals: RealSet, assign: np.ndarr
     # membership or patient (neighbouring slices do not get neighbouring names)
     rng = np.random.default_rng([cfg.seed, 0x1D5])
     records: list[dict] = []
-    for subset, classes in (("real_used", [0]), ("real_not_used", [1]), ("real_unknown", [2, 3])):
+    layout = [("dev", "real_used", "real_used", [0]), ("dev", "real_not_used", "real_not_used", [1]),
+              ("test", "real_unknown", "real_unknown", [2, 3])]
+    if (assign == REFERENCE_CLASS).any():
+        layout.append(("reference", "real_not_used", "reference", [REFERENCE_CLASS]))
+    for split, subset, prefix, classes in layout:
         idx = np.flatnonzero(np.isin(assign, classes))
         idx = idx[rng.permutation(len(idx))]
-        split = "dev" if subset != "real_unknown" else "test"
-        for image_id, i in zip(_ids(subset, len(idx)), idx):
+        for image_id, i in zip(_ids(prefix, len(idx)), idx):
             label = 1 if assign[i] in (0, 2) else 0
             save_palette_png(reals.images[i], root / split / subset / f"{image_id}.png")
             records.append({"image_id": image_id, "split": split, "subset": subset, "label": label,
@@ -580,6 +627,7 @@ def _write_layout(root: Path, cfg: SynthConfig, reals: RealSet, assign: np.ndarr
 def _counts(images: list[dict], cfg: SynthConfig) -> dict:
     c = {"dev": {"generated": cfg.dev_generated}, "test": {"generated": cfg.test_generated}}
     for r in images:
+        c.setdefault(r["split"], {})
         c[r["split"]][r["subset"]] = c[r["split"]].get(r["subset"], 0) + 1
     c["test"]["members"] = sum(1 for r in images if r["subset"] == "real_unknown" and r["label"] == 1)
     c["test"]["non_members"] = sum(1 for r in images if r["subset"] == "real_unknown" and r["label"] == 0)

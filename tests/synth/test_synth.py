@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ganprint.errors import GanprintError
-from tests.synth.helpers import run_cli
+from tests.synth.helpers import digests, run_cli
 
 # a tiny run: 32 px images, a 16 px GAN with 4 channels, 30 steps (seconds on 2 cores)
 TINY = ["--size", "32", "--gan-res", "16", "--gan-width", "4", "--z-dim", "8", "--steps", "30",
@@ -317,3 +317,47 @@ def test_full_disk_while_saving_the_generator_is_one_line(tmp_path, monkeypatch)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {out}: cannot write the benchmark (No space left on device)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reference_pool_adds_known_non_members_and_changes_nothing_else(tiny, tmp_path):
+    from ganprint.data import discover
+
+    out, _ = tiny
+    ref = tmp_path / "ref"
+    res = run_cli(str(ref), *TINY, "--seed", "3", "--reference-real", "5")
+    assert res.exit_code == 0, res.stderr
+    pool = sorted((ref / "reference" / "real_not_used").glob("*.png"))
+    assert [p.stem for p in pool] == [f"reference_{i:04d}" for i in range(1, 6)]
+    # everything else is byte for byte the run without a reference pool
+    with_ref = {k: v for k, v in digests(ref).items() if not k.startswith("reference/")}
+    assert with_ref == digests(out)
+    records, _ = discover([str(ref / "reference" / "real_not_used")])
+    assert {(r.subset, r.label) for r in records} == {("real_not_used", 0)}
+    meta = json.loads((ref / "synth.json").read_text())
+    assert meta["counts"]["reference"] == {"real_not_used": 5}
+    patients = {}
+    for r in meta["images"]:
+        patients.setdefault(r["patient"], set()).add(r["split"])
+    ref_patients = {p for p, s in patients.items() if "reference" in s}
+    assert ref_patients and all(patients[p] == {"reference"} for p in ref_patients)  # own patients only
+    assert all(r["label"] == 0 for r in meta["images"] if r["split"] == "reference")
+
+
+def test_reference_pool_from_a_real_dir_uses_patients_the_split_left(tmp_path):
+    from ganprint.synth.dataset import REFERENCE_CLASS, folder_reals, resolve_config
+
+    from conftest import random_gray, write_png
+
+    src = tmp_path / "mine"
+    for p in range(14):
+        for s in range(2):
+            write_png(src / f"patient{p:02d}" / f"slice{s}.png", random_gray(p * 10 + s, 24))
+    cfg = dict(size=24, gan_res=16, dev_real=4, test_real=4, real_dir=str(src), group_by_folder=True)
+    reals = folder_reals(resolve_config(**cfg, reference_real=3))
+    by_patient = {}
+    for info, c in zip(reals.source, reals.assign):
+        by_patient.setdefault(info["source"].split("/")[0], set()).add(int(c))
+    assert all(len(c) == 1 for c in by_patient.values())
+    assert int((reals.assign == REFERENCE_CLASS).sum()) == 3
+    with pytest.raises(GanprintError, match="--reference-real"):
+        folder_reals(resolve_config(**cfg, reference_real=20))
