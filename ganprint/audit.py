@@ -270,6 +270,9 @@ class AuditOptions:
     copy_k: int = 10  # nearest generated images per real image and feature space aligned for copy evidence
     local: str = "sift"
     decision: str = "calibrate"  # submission labels: calibrate (kappa cut on the labelled images) | fdr
+    # share of the known non-members held out of selection as the unknown images' p-value null
+    # (ganprint.conformal.calibration_split); None: auto (0.5: the audit has no pool outside them)
+    null_fraction: float | None = None
     device: str = "auto"
     batch_size: int = 32
     workers: int | None = None
@@ -288,6 +291,10 @@ class AuditOptions:
             raise GanprintError(f"--gallery {self.gallery}: must be >= 0")
         if self.decision not in ("calibrate", "fdr"):
             raise GanprintError(f"--decision {self.decision}: use calibrate or fdr")
+        if self.null_fraction is not None:
+            from ganprint.conformal import resolve_fraction
+
+            resolve_fraction(self.null_fraction, 0)
         if not self.global_backbones():
             raise GanprintError("--backbone: give at least one global feature space (e.g. pixels)")
         from ganprint.backbones import get_backbone
@@ -826,6 +833,40 @@ def _oof_pvalue(y, oof, groups=None) -> float:
     return float(mannwhitneyu(oof[yb], oof[~yb], alternative="greater").pvalue)
 
 
+def _membership_null(tab, lab, y, groups, opts: AuditOptions, unknown: bool):
+    """Which labelled rows selection may use, and which known non-members are the unknown images'
+    p-value null.  -> (lab_sel bool [R], info dict, null_rows int [K]).
+
+    The null must not have chosen the score (ganprint.conformal): with unknown images to flag, a
+    seeded share of the non-members' near-duplicate groups (``opts.null_fraction``, auto 0.5) is held
+    out of selection and alone calibrates.  Without unknown images the flags are about members, who
+    are not exchangeable with the null anyway, and every labelled image serves both.  When no split
+    is possible (too few non-members) every non-member is the null and ``info`` says the p-values
+    are optimistic."""
+    import numpy as np
+
+    from ganprint.conformal import calibration_split
+
+    nonmem = np.flatnonzero((tab["role"] == "non_members").to_numpy())
+    if not unknown:
+        return lab.copy(), {"null": "every known non-member (the flags are about members)",
+                            "n_null": int(len(nonmem))}, nonmem
+    lab_rows = np.flatnonzero(lab)
+    ids = [str(i) for i in tab["image_id"].to_numpy()]
+    split = calibration_split([ids[r] for r in lab_rows], y, groups, [ids[r] for r in nonmem],
+                              opts.null_fraction, opts.seed)
+    info = {k: v for k, v in split.info.items() if k != "calibration_ids"}
+    if not split.ok:
+        info["null"] = ("every known non-member, also used by selection: the unknown images' p-values are "
+                        f"optimistic ({split.info.get('reason')})")
+        return lab.copy(), info, nonmem
+    cal = set(split.calibration_ids)
+    lab_sel = lab.copy()
+    lab_sel[lab_rows[~np.asarray(split.selection, dtype=bool)]] = False
+    info["null"] = "the known non-members held out of selection"
+    return lab_sel, info, np.asarray([r for r in nonmem if ids[r] in cal], dtype=np.int64)
+
+
 def _select(S, lab, y, names, opts: AuditOptions, groups=None):
     """groups: int [n_lab] near-duplicate groups of the labelled images (None: every image alone)."""
     res, score, ref, oof_s, oof_l = _select_impl(S, lab, y, names, opts, groups)
@@ -1055,32 +1096,35 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
     # neighbouring slices of one patient are near-duplicates: CV keeps them together and the
     # verdict's rank test counts each group once (see ganprint.groups)
     groups = near_duplicate_groups([realset.emb[b][np.flatnonzero(lab)].numpy() for b in opts.global_backbones()])
+    lab_sel, split_info, null_rows = _membership_null(tab, lab, y, groups, opts, bool(counts.get("unknown")))
+    in_sel = lab_sel[np.flatnonzero(lab)]
     skey = _digest({"c": ckey, "select": importlib.util.find_spec("ganprint.select") is not None,
                     "folds": opts.folds, "repeats": opts.repeats, "seed": opts.seed, "bootstrap": opts.bootstrap,
-                    "groups": "near_duplicate_groups/v1"})
+                    "groups": "near_duplicate_groups/v1", "split": split_info})
 
     def compute_selection():
         import torch
 
-        sel, score, ref, oof_s, oof_l = _select(S, lab, y, names, opts, groups)
+        sel, score, ref, oof_s, oof_l = _select(S, lab_sel, y[in_sel], names, opts,
+                                                None if groups is None else np.asarray(groups)[in_sel])
         tens = {"oof_score": torch.as_tensor(np.asarray(oof_s, dtype=np.float64)),
                 "oof_label": torch.as_tensor(np.asarray(oof_l, dtype=np.int64)),
                 "score": torch.as_tensor(score), "ref": torch.as_tensor(ref)}
         return tens, sel
 
     stens, sel, hit = cache.get_or_compute("selection", skey, compute_selection)
+    sel = {**sel, "calibration_split": split_info}
     auc_txt = "n/a" if sel["nested"]["auc"] is None else f"{sel['nested']['auc']:.3f}"
     st.done(cached=hit, note=f"chosen {sel['chosen']}, nested AUC {auc_txt}")
 
-    st.start("pvalues", f"conformal p-values vs {int((tab['role'] == 'non_members').sum())} known non-members, "
-                        f"BH at {opts.fdr:g}")
+    st.start("pvalues", f"conformal p-values vs {len(null_rows)} known non-members, BH at {opts.fdr:g}")
     score = stens["score"].numpy().astype(np.float64)
     ref_score = stens["ref"].numpy().astype(np.float64)
     nonmem = np.flatnonzero((tab["role"] == "non_members").to_numpy())
     self_in_ref = np.full(len(tab), -1)
-    self_in_ref[nonmem] = np.arange(len(nonmem))
-    pvals = np.where(lab, conformal_pvalues(ref_score, ref_score[nonmem], self_in_ref),
-                     conformal_pvalues(score, ref_score[nonmem]))
+    self_in_ref[null_rows] = np.arange(len(null_rows))
+    pvals = np.where(lab, conformal_pvalues(ref_score, ref_score[null_rows], self_in_ref),
+                     conformal_pvalues(score, ref_score[null_rows]))
     target_role = "unknown" if counts.get("unknown") else "members"
     target = (tab["role"] == target_role).to_numpy()
     qvals = np.full(len(tab), np.nan)
@@ -1132,7 +1176,7 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
         "score": score, "p_value": pvals, "q_value": qvals, "flag": flags, "label_pred": label_pred.astype(np.int8),
     })
     oof = np.full(len(tab), np.nan)
-    oof[lab] = stens["oof_score"].numpy()
+    oof[lab_sel] = stens["oof_score"].numpy()
     scores_df["oof_score"] = oof
     for c, name in enumerate(names):
         scores_df[f"cand:{name}"] = S[c]
@@ -1161,6 +1205,7 @@ def run_audit(out: str | os.PathLike, inputs: AuditInputs, opts: AuditOptions | 
         "decision": {"rule": opts.decision, "threshold": thr, "labelled_kappa_in_sample": dev_kappa},
         "flags": {"q": opts.fdr, "set": target_role, "n_tested": int(target.sum()), "n_flagged": int(flags.sum()),
                   "method": "conformal p-values vs known non-members, Benjamini-Hochberg (scipy)",
+                  "n_null": int(len(null_rows)), "null": split_info.get("null"),
                   "note": None if inputs.test_generated is None else (
                       "the unknown images are scored against test/generated, the known non-members against "
                       "dev/generated: their p-values assume both generated sets come from the same generator")},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import false_discovery_control, kstest
 
@@ -109,6 +110,18 @@ def test_run_audit_library_and_cache(tmp_path):
     assert all(again.report["stages_cached"].values())
     assert again.report["selection"] == res.report["selection"]
     assert again.report["datacopy"] == res.report["datacopy"]
+    # the unknown images' null: known non-members held out of selection (whole groups), never in it
+    split = rep["selection"]["calibration_split"]
+    assert split["n_calibration"] > 0 and split["n_calibration"] == rep["flags"]["n_null"]
+    assert split["n_selection"] == rep["selection"]["nested"]["n"] < 24
+    assert split["n_selection"] + split["n_held_out_of_selection"] == 24
+    df = pd.read_parquet(tmp_path / "run" / "scores.parquet")
+    held = df[(df["role"] == "non_members") & df["oof_score"].isna()]
+    assert len(held) == split["n_calibration"]  # held out: no out-of-fold score, selection never saw them
+    unk = df[df["role"] == "unknown"]
+    ref = np.sort(held["score"].to_numpy())
+    expect = (1 + len(ref) - np.searchsorted(ref, unk["score"].to_numpy(), side="left")) / (len(ref) + 1)
+    np.testing.assert_allclose(unk["p_value"].to_numpy(), expect)
 
 
 def _grouped_null_scores(seed, n_pat=30, per=4, cands=3):

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ganprint.cli.options import DEVICE_HELP, WEIGHTS_HELP, complete_backbone, handle_errors, print_json
+from ganprint.cli.options import DEVICE_HELP, WEIGHTS_HELP, complete_backbone, handle_errors, parse_fraction, print_json
 
 
 @handle_errors
@@ -22,6 +22,7 @@ def audit(
     backbone: Optional[list[str]] = typer.Option(None, "--backbone", "-b", help="Feature space (repeatable) [default: pixels, efficientnet_lite0].", autocompletion=complete_backbone),
     weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     fdr: float = typer.Option(0.1, "--fdr", help="Benjamini-Hochberg level for the flags."),
+    null_fraction: str = typer.Option("auto", "--null-fraction", help="Share of the known non-members held out of selection as the unknown images' p-value null, in [0, 1); auto: 0.5."),
     decision: str = typer.Option("calibrate", "--decision", help="Submission labels: calibrate (kappa cut on the labelled images) or fdr (the flags)."),
     folds: int = typer.Option(5, "--folds", help="Cross-validation folds."),
     repeats: int = typer.Option(4, "--repeats", help="Inner cross-validation repeats (the nested, outer CV uses half as many)."),
@@ -42,7 +43,8 @@ def audit(
     inputs = resolve_inputs(data, generated=generated, members=members, non_members=non_members, unknown=unknown)
     opts = AuditOptions(backbones=tuple(backbone or DEFAULT_BACKBONES), fdr=fdr, folds=folds, repeats=repeats, seed=seed,
                         bootstrap=bootstrap, gallery=gallery, decision=decision, device=device, weights=weights,
-                        verify=verify, verify_k=verify_k, copy_k=copy_k)
+                        verify=verify, verify_k=verify_k, copy_k=copy_k,
+                        null_fraction=parse_fraction(null_fraction))
     res = run_audit(out, inputs, opts, progress=not quiet, log=None if quiet else log,
                     command="ganprint " + " ".join(sys.argv[1:]))
     if as_json:

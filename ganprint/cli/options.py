@@ -51,3 +51,15 @@ def complete_backbone(incomplete: str) -> list[str]:
 
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
 WEIGHTS_HELP = "imagenet, none (seeded random init) or PATH to a local .safetensors file"
+
+
+def parse_fraction(value: str) -> float | None:
+    """--null-fraction: ``auto`` (None) or a number (its range is checked by ganprint.conformal)."""
+    from ganprint.errors import GanprintError
+
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise GanprintError(f"--null-fraction {value}: not a number; use a share in [0, 1), e.g. 0.5, or auto") from None

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ganprint.cli.options import handle_errors, print_json
+from ganprint.cli.options import handle_errors, parse_fraction, print_json
 
 
 def complete_attack(incomplete: str) -> list[str]:
@@ -115,7 +115,7 @@ def predict(
         from ganprint.select import SelectConfig
 
         res = run_predict(sim_args, out, "auto", None, threshold=threshold, calibrate=dev_args, quantile=quantile,
-                          balanced=balanced, fdr=fdr, config=SelectConfig(seed=seed), null_fraction=_fraction(null_fraction),
+                          balanced=balanced, fdr=fdr, config=SelectConfig(seed=seed), null_fraction=parse_fraction(null_fraction),
                           submission=submission,
                           header=header, write_csv=not no_csv)
     else:
@@ -171,15 +171,3 @@ def predict(
 
 def register(app: typer.Typer) -> None:
     app.command("predict")(predict)
-
-
-def _fraction(value: str) -> float | None:
-    """--null-fraction: ``auto`` (None) or a number (its range is checked by ganprint.conformal)."""
-    from ganprint.errors import GanprintError
-
-    if value.strip().lower() == "auto":
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise GanprintError(f"--null-fraction {value}: not a number; use a share in [0, 1), e.g. 0.5, or auto") from None

@@ -99,7 +99,9 @@ def draw_figures(run: Path, report: dict[str, Any]) -> dict[str, str]:
     df = pd.read_parquet(run / "scores.parquet")
     fig = run / "figures"
     fig.mkdir(exist_ok=True)
-    lab = df["label"].notna().to_numpy()
+    # labelled images with an out-of-fold score: the ones selection used (held-out calibration
+    # non-members have none)
+    lab = (df["label"].notna() & df["oof_score"].notna()).to_numpy()
     nested = report["selection"]["nested"]
     opts = report.get("options", {})
     F.roc_band(fig / "roc.png", df["label"][lab].astype(int).to_numpy(), df["oof_score"][lab].to_numpy(),
