@@ -3,8 +3,8 @@
     python bench/fdr_null.py --run bench/out/auto/balanced-dcgan-s0 [--splits 200] [--q 0.1]
 
 Reads the embeddings that `bench/quality.py --auto` left in RUN/work (every backbone there).
-The pool of known non-members is the dev real_not_used images plus the test images whose truth
-is 0.  For each of ``--splits`` seeded random halvings of the pool, both halves are scored together by
+The pool of known non-members is the real_not_used images embedded with the test images (the dev
+ones, and the synth reference pool when there is one) plus the test images whose truth is 0.  For each of ``--splits`` seeded random halvings of the pool, both halves are scored together by
 every attack against the test generated set (as `predict` scores test images and the known
 non-members embedded with them: one context, the other real images as reference); conformal
 p-values of the first half (queries) against the second (the null), Benjamini-Hochberg at Q.
@@ -72,7 +72,13 @@ def main() -> int:
         gen = te[_subset(test, "generated")]
         ids = test.table["image_id"].astype(str).to_numpy()
         test_neg = [i for i in _subset(test, "real_unknown") if truth.get(ids[i]) == 0]
-        pool = np.concatenate([de[_subset(dev, "real_not_used")].numpy(), te[test_neg].numpy()])
+        # the known non-members embedded with the test images (the dev ones, and the reference pool
+        # when synth made one), and the test images whose truth is 0
+        known = _subset(test, "real_not_used")
+        if not len(known):  # an older run: the dev non-members from the dev artifact
+            pool = np.concatenate([de[_subset(dev, "real_not_used")].numpy(), te[test_neg].numpy()])
+        else:
+            pool = np.concatenate([te[known].numpy(), te[test_neg].numpy()])
         rng = np.random.default_rng(args.seed)
         anyflag = {a: 0 for a in attacks}
         flags_total = {a: 0 for a in attacks}
