@@ -34,6 +34,10 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--max-keypoints", type=int, default=400)
     ap.add_argument("--image-size", type=int, default=256, help="size local features are extracted at")
+    ap.add_argument("--refine-top", type=int, default=None, help="registration: refine the top R coarse "
+                    "candidates [default: ganprint.verify_register.DEFAULT_REFINE_TOP]; 0 = all K (the full search)")
+    ap.add_argument("--coarse-size", type=int, default=None, help="registration: coarse grid px [default: "
+                    "ganprint.verify_register.coarse_size_for]")
     ap.add_argument("--failures", action="store_true", help="list the misses on stderr")
     ap.add_argument("--work", default=None, help="artifact folder [default: DATA/verify_work]")
     args = ap.parse_args()
@@ -92,7 +96,15 @@ def main() -> int:
     t1 = time.perf_counter()
     short, _, _ = topk_search(real_e, gen_e, k)
     cand = short.indices.numpy()
-    v = method.run(real_l, gen_l, cand, {"ratio": DEFAULT_RATIO, "reproj": DEFAULT_REPROJ})
+    if method.name == "register" and (args.refine_top is not None or args.coarse_size is not None):
+        from ganprint.verify import Verified
+        from ganprint.verify_register import DEFAULT_REFINE_TOP, register_candidates
+
+        rt = DEFAULT_REFINE_TOP if args.refine_top is None else (args.refine_top or None)
+        o = register_candidates(real_l, gen_l, cand, refine_top=rt, coarse_size=args.coarse_size)
+        v = Verified(*(torch.from_numpy(o[n]) for n in ("values", "indices", "matches", "transform")))
+    else:
+        v = method.run(real_l, gen_l, cand, {"ratio": DEFAULT_RATIO, "reproj": DEFAULT_REPROJ})
     t_verify = time.perf_counter() - t1
 
     real_pos = {key: i for i, key in enumerate(real_keys)}
@@ -130,6 +142,7 @@ def main() -> int:
     print(json.dumps({
         "data": str(data), "replicas": n, "queries": len(real_keys), "candidates": len(gen_keys), "k": k,
         "shortlist": args.backbone, "local": args.local, "image_size": args.image_size,
+        "refine_top": args.refine_top, "coarse_size": args.coarse_size,
         "verified_top1_is_a_replica_of_source": round(hits / n, 4),
         "verified_top1_is_a_replica_of_source_or_its_patient": round(same_patient / n, 4) if patient else None,
         "global_top1_is_a_replica_of_source": round(glob_hits / n, 4),
@@ -137,7 +150,7 @@ def main() -> int:
         "test_members": len(members), "test_members_with_test_replica": len(with_rep & members),
         "share_test_members_with_replica": round(len(with_rep & members) / max(1, len(members)), 4),
         "embed_s": round(t_embed, 1), "verify_s": round(t_verify, 1),
-        "verify_pairs_per_s": round(cand.size / t_verify, 1),
+        "verify_pairs_per_s": round(cand.size / t_verify, 1), "load_average_1min": round(os.getloadavg()[0], 2),
     }, indent=2))
     return 0
 
