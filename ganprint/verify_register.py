@@ -495,6 +495,19 @@ def _attribution(raw, n_keys: int) -> list:
     return [None if r is None or not r[4].any() else (r[4] & (r[1] >= best[r[0]])) for r in raw]
 
 
+def describe(size: int) -> dict:
+    """The cascade's parameters for ``size`` px grids (the ``verify.registration`` provenance of a
+    similarity artifact): what :func:`register_candidates` runs with its defaults."""
+    c = coarse_size_for(size)
+    return {"angles": [-DEFAULT_MAX_ANGLE, DEFAULT_MAX_ANGLE, DEFAULT_ANGLE_STEP],
+            "shift": "exhaustive integer shifts (coarse grid)", "max_shift": DEFAULT_MAX_SHIFT,
+            "min_overlap": MIN_OVERLAP, "coarse_size": c, "coarse_blurs": list(DEFAULT_COARSE_BLURS),
+            "refine_top": DEFAULT_REFINE_TOP, "fine_size": int(size),
+            "refine": "cv2.findTransformECC (euclidean)", "ecc_iters": DEFAULT_ECC_ITERS, "ecc_blur": DEFAULT_ECC_BLUR,
+            "query_blurs": list(DEFAULT_QUERY_BLURS), "fine_query_blurs": list(fine_blurs(DEFAULT_QUERY_BLURS, size // c)),
+            "contrast": "quadratic", "attribution_margin": ATTRIBUTE_MARGIN}
+
+
 def register_images(img_a: np.ndarray, img_b: np.ndarray, *, size: int = 32, **kw) -> tuple[float, np.ndarray]:
     """Two decoded images (uint8 [H, W] or [H, W, 3]) -> (score, transform [2, 3] a -> b pixels in the
     ``size`` x ``size`` frame); both are reduced as ``embed --backbone pixels --image-size size`` does."""
