@@ -211,53 +211,59 @@ def _ecc(cand: np.ndarray, query: np.ndarray, m_q2c: np.ndarray, iters: int, eps
     return float(cc), cv2.invertAffineTransform(w.astype(np.float64))
 
 
-def _warped(x: np.ndarray, m_q2c: np.ndarray) -> np.ndarray:
-    """x float32 [S, S] (or [S, S, c]) moved by ``m_q2c`` (query -> candidate pixels), bilinear, 0 outside."""
-    import cv2
+def _theta_of(m_q2c: np.ndarray, size: int):
+    """query -> candidate pixel maps float64 [R, 2, 3] -> affine_grid thetas [R, 2, 3] (align_corners
+    False) that sample the query at each candidate pixel: what cv2.warpAffine(q, m) computes."""
+    import torch
 
-    S = x.shape[0]
-    return cv2.warpAffine(x, m_q2c, (S, S), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-
-
-def _pose_ncc(q: np.ndarray, cand: np.ndarray, m_q2c: np.ndarray) -> tuple[float, int]:
-    """NCC of ``cand`` [S, S] and ``q`` [S, S] moved by ``m_q2c``, over the pixels the moved query
-    covers; (-1, overlap) when that is under MIN_OVERLAP."""
-    S = q.shape[-1]
-    mq = _warped(np.dstack([q, np.ones_like(q)]), m_q2c)
-    w = mq[..., 1] > 0.999
-    n = int(w.sum())
-    if n < MIN_OVERLAP * S * S:
-        return -1.0, n
-    a = mq[..., 0][w].astype(np.float64)
-    b = cand[w].astype(np.float64)
-    a -= a.mean()
-    b -= b.mean()
-    den = math.sqrt(float(a @ a) * float(b @ b))
-    return (float(a @ b) / den if den > 1e-12 else 0.0), n
+    R = m_q2c.shape[0]
+    full = np.zeros((R, 3, 3))
+    full[:, :2] = m_q2c
+    full[:, 2, 2] = 1.0
+    inv = np.linalg.inv(full)  # candidate pixel -> query pixel
+    # normalised u = (2x + 1) / S - 1  <=>  x = ((u + 1) S - 1) / 2
+    n2p = np.array([[size / 2.0, 0, (size - 1) / 2.0], [0, size / 2.0, (size - 1) / 2.0], [0, 0, 1]])
+    p2n = np.linalg.inv(n2p)
+    th = p2n @ inv @ n2p
+    return torch.as_tensor(th[:, :2], dtype=torch.float32)
 
 
-def _pose_quad(q: np.ndarray, q2: np.ndarray, cand: np.ndarray, m_q2c: np.ndarray) -> float:
-    """Multiple correlation of ``cand`` [S, S] with the moved query ``q`` and its square ``q2`` (both
-    [S, S], smoothed alike) over the pixels the moved query covers: sqrt(R^2) of the least-squares
-    fit cand ~ a + b q + c q^2, i.e. the NCC under an unknown smooth monotone contrast change
-    (a replica's gamma: x^g is close to quadratic on [0, 1], and 1, q, q^2 span 1, x, x^2 for the
-    normalised q = (x - m) / s).  -1 when the overlap is under MIN_OVERLAP."""
-    S = q.shape[-1]
-    mq = _warped(np.dstack([q, q2, np.ones_like(q)]), m_q2c)
-    w = mq[..., 2] > 0.999
-    if int(w.sum()) < MIN_OVERLAP * S * S:
-        return -1.0
-    X = mq[..., :2][w].astype(np.float64)
-    y = cand[w].astype(np.float64)
-    X -= X.mean(0)
-    y -= y.mean()
-    yy = float(y @ y)
-    if yy <= 1e-18:
-        return 0.0
-    G = X.T @ X + 1e-12 * np.eye(2)
-    v = X.T @ y
-    r2 = float(v @ np.linalg.solve(G, v)) / yy
-    return math.sqrt(min(max(r2, 0.0), 1.0))
+def _pose_scores(qstack, cands, m_q2c: np.ndarray):
+    """Score R poses for B query blurs at once.
+
+    qstack float32 [B, 2, S, S] (the query and its square, each smoothed by one sigma), cands [R, S, S],
+    m_q2c float64 [R, 2, 3] query -> candidate pixels.  Returns float64 numpy (ncc [R, B]: NCC of the
+    moved smoothed query and the candidate; quad [R, B]: the multiple correlation of the candidate
+    with the moved query and its square, i.e. the NCC under a quadratic contrast change), both over
+    the pixels the moved query covers (-1 where that is under MIN_OVERLAP).  A replica is
+    re-contrasted by a gamma: x^g is close to quadratic on [0, 1], and 1, q, q^2 span 1, x, x^2 for
+    the normalised q = (x - m) / s."""
+    import torch
+    import torch.nn.functional as F
+
+    B, _, S, _ = qstack.shape
+    R = cands.shape[0]
+    src = torch.cat([qstack.reshape(1, 2 * B, S, S), torch.ones(1, 1, S, S)], 1).expand(R, 2 * B + 1, S, S)
+    grid = F.affine_grid(_theta_of(m_q2c, S), [R, 1, S, S], align_corners=False)
+    mv = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False).double()
+    w = (mv[:, -1] > 0.999).double()  # [R, S, S]
+    n = w.sum((-2, -1))  # [R]
+    X = mv[:, :-1].view(R, B, 2, S, S)
+    y = cands.double()
+    nn = n.clamp(min=1.0)
+    ym = (y * w).sum((-2, -1)) / nn
+    yc = (y - ym[:, None, None]) * w  # [R, S, S]
+    Xm = (X * w[:, None, None]).sum((-2, -1)) / nn[:, None, None]  # [R, B, 2]
+    Xc = (X - Xm[..., None, None]) * w[:, None, None]
+    G = torch.einsum("rbiuv,rbjuv->rbij", Xc, Xc)  # [R, B, 2, 2]
+    v = torch.einsum("rbiuv,ruv->rbi", Xc, yc)  # [R, B, 2]
+    yy = yc.square().sum((-2, -1))[:, None].clamp(min=1e-18)  # [R, 1]
+    ncc = v[..., 0] / (G[..., 0, 0] * yy).sqrt().clamp(min=1e-18)
+    G = G + 1e-12 * torch.eye(2, dtype=G.dtype)
+    quad = (torch.linalg.solve(G, v.unsqueeze(-1)).squeeze(-1) * v).sum(-1) / yy
+    quad = quad.clamp(0.0, 1.0).sqrt()
+    bad = (n < MIN_OVERLAP * S * S)[:, None]
+    return (torch.where(bad, -1.0, ncc).numpy(), torch.where(bad, -1.0, quad).numpy())
 
 
 def fine_blurs(query_blurs, factor: int) -> tuple[float, ...]:
@@ -302,38 +308,42 @@ def register_one(q, cands, angles_deg, *, qc=None, cc=None, refine: bool = True,
     top = np.argsort(-ncc, kind="stable")[:R]
     refined[top] = True
     max_angle = float(np.abs(angles_deg).max()) if len(angles_deg) else 0.0
-    cn = cands.numpy().astype(np.float32)
     blurs = fine_blurs(query_blurs, f)
-    qb: dict[float, tuple[np.ndarray, np.ndarray]] = {}
-
-    def query(sigma: float) -> tuple[np.ndarray, np.ndarray]:
-        """The query and its square, each smoothed by sigma fine px (cached per query)."""
-        if sigma not in qb:
-            import cv2
-
-            qn = np.ascontiguousarray(q.numpy(), dtype=np.float32)
-            q2 = qn * qn
-            if sigma > 0:
-                q2 = cv2.GaussianBlur(q2, (0, 0), float(sigma), borderType=cv2.BORDER_REPLICATE)
-            qb[sigma] = (np.ascontiguousarray(_blurred(q, sigma).numpy(), dtype=np.float32), q2)
-        return qb[sigma]
-
-    for k in top:
-        ck = np.ascontiguousarray(cn[k])
-        if fine:  # the blur ECC works with: the best on the fine grid at the coarse pose
-            sigma = max(blurs, key=lambda s: _pose_ncc(query(s)[0], ck, trans[k])[0])
-        else:
-            sigma = float(cb[bi[k]])
-        r = _ecc(ck, query(sigma)[0], trans[k], iters, eps, blur)
-        if r is not None and r[0] > _pose_ncc(query(sigma)[0], ck, trans[k])[0] and _plausible(r[1], S, max_angle, max_shift):
+    qstack = _query_stack(q, blurs)  # [B, 2, S, S]
+    ct = cands[torch.as_tensor(top)]
+    # the blur ECC works with: the best at the coarse pose (C = S: the coarse stage's own choice)
+    lin, _ = _pose_scores(qstack, ct, trans[top])
+    pick = lin.argmax(1) if fine else np.array([blurs.index(float(cb[bi[k]])) if float(cb[bi[k]]) in blurs
+                                                else int(lin[i].argmax()) for i, k in enumerate(top)])
+    cn = cands.numpy().astype(np.float32)
+    for i, k in enumerate(top):
+        r = _ecc(np.ascontiguousarray(cn[k]), np.ascontiguousarray(qstack[pick[i], 0].numpy()), trans[k], iters, eps, blur)
+        if r is not None and r[0] > lin[i, pick[i]] and _plausible(r[1], S, max_angle, max_shift):
             trans[k] = r[1]
-        # the refined score: NCC under a quadratic contrast model, best over the blurs, at the pose
-        # (on the S px grid: the coarse NCC of the unrefined candidates is on another scale)
-        ncc[k] = max(_pose_quad(*query(s), ck, trans[k]) for s in blurs)
+    # the refined score: NCC under a quadratic contrast model, best over the blurs, at the pose (on
+    # the S px grid and another model: the unrefined candidates' coarse NCC is on another scale)
+    _, quad = _pose_scores(qstack, ct, trans[top])
+    ncc[top] = quad.max(1)
     if R < K:  # unrefined candidates rank below the refined ones (their coarse NCC, capped)
         rest = ~refined
         ncc[rest] = np.minimum(ncc[rest], ncc[top].min())
     return ncc, ov, trans, refined
+
+
+def _query_stack(q, blurs):
+    """q float32 [S, S] -> [B, 2, S, S]: per sigma of ``blurs`` (px), the smoothed query (renormalised,
+    as :func:`_blurred`) and its smoothed square (the quadratic contrast term)."""
+    import cv2
+    import torch
+
+    qn = np.ascontiguousarray(q.numpy(), dtype=np.float32)
+    out = []
+    for s in blurs:
+        q2 = qn * qn
+        if s > 0:
+            q2 = cv2.GaussianBlur(q2, (0, 0), float(s), borderType=cv2.BORDER_REPLICATE)
+        out.append(np.stack([_blurred(q, s).numpy(), q2]))
+    return torch.from_numpy(np.ascontiguousarray(np.stack(out), dtype=np.float32))
 
 
 def _blurred(q, sigma: float):
