@@ -218,7 +218,7 @@ def test_attribution_gives_each_query_its_own_copy():
     b = a.copy()
     cv2.circle(b, (60, 52), 2, 150, -1)
     gens = [texture(100 + i, 128) for i in range(6)]
-    gens += [_degraded_copy(a, 6.0, (4.0, -3.0), sigma=1.5, seed=2, noise=8.0),
+    gens += [_degraded_copy(a, 6.0, (4.0, -3.0), sigma=1.2, seed=2, noise=6.0),
              _degraded_copy(b, -5.0, (-3.0, 5.0), sigma=0.5, gamma=1.05, seed=3, noise=1.0)]
     keys = GridSet(np.stack([grid_of(x, 64) for x in gens]))
     q = GridSet(np.stack([grid_of(x, 64) for x in (a, b)]))
@@ -230,6 +230,11 @@ def test_attribution_gives_each_query_its_own_copy():
     j = list(out["indices"][0]).index(7)
     assert out["values"][0, j] <= out["values"][0, 0] < off["values"][0, 0]
     np.testing.assert_array_equal(out["values"][1], off["values"][1])  # b's list: nothing foreign above its own
+    # without b's copy, b's best is a's copy, far above anything of b's own: it keeps its score
+    keys6 = keys.take(range(7))
+    one = register_candidates(q, keys6, cand[:, :7], threads=1)
+    one_off = register_candidates(q, keys6, cand[:, :7], threads=1, attribute=False)
+    assert list(one["indices"][:, 0]) == [6, 6] and one["values"][1, 0] == one_off["values"][1, 0]
 
 
 def test_coarse_grid_choice_and_pooling():
