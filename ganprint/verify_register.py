@@ -428,7 +428,8 @@ def register_candidates(queries: GridSet, keys: GridSet, candidates, *, max_angl
     of each best pair; ``refined`` bool [Q, K] whether the pair reached the refinement stage.
     ``attribute``: a candidate refined for several queries counts as a copy of the one it registers
     best to (:func:`_attribution`); in any other query's list it scores no higher than that query's
-    own best candidate (when it has one), so a query's top-1 is its own copy where there is one.
+    own best candidate when it exceeds that by less than ATTRIBUTE_MARGIN (both copy-level fits), so
+    a query's top-1 is its own copy where there is one; a foreign copy far above keeps its score.
     Queries run in ``threads`` threads (torch and OpenCV release the GIL)."""
     import torch
 
