@@ -19,8 +19,9 @@ wall clock also counts time spent waiting for a core; the load average is printe
 x K would take, and (with ``--data``) the share of verification in the whole pipeline
 (embed pixels_aligned + embed sift + simmatrix --verify).
 
-``--register 16,32``: also the registration verifier (:mod:`ganprint.verify_register`, on raw-pixel
-grids of those sizes) on the same pairs: pairs/s wall and per CPU-second, per grid size.
+``--register 16,32,64``: also the registration verifier (:mod:`ganprint.verify_register`, on raw-pixel
+grids of those sizes) on the same pairs: pairs/s wall and per CPU-second of the cascade, and of its
+coarse stage alone, per grid size (with the load average after each).
 """
 
 from __future__ import annotations
@@ -108,19 +109,28 @@ def pipeline_share(args, seconds_per_pair: float):
 
 
 def register_rows(real, gen, cand, size: int, threads: int) -> dict:
-    """Registration verifier on the same query x candidate pairs at ``size`` px: pairs/s."""
+    """Registration verifier on the same query x candidate pairs at ``size`` px: pairs/s of the
+    whole cascade (defaults), and of its coarse stage alone (``refine=False``): their difference
+    is what the refinement of the top ``refine_top`` candidates costs."""
     import numpy as np
 
-    from ganprint.verify_register import GridSet, grid_of, register_candidates
+    from ganprint.verify_register import DEFAULT_REFINE_TOP, GridSet, coarse_size_for, grid_of, register_candidates
 
     q = GridSet(np.stack([grid_of(x, size) for x in real]))
     keys = GridSet(np.stack([grid_of(x, size) for x in gen]))
     t, c = time.perf_counter(), time.process_time()
     register_candidates(q, keys, cand, threads=threads)
     t_reg, c_reg = time.perf_counter() - t, time.process_time() - c
-    return {f"register{size}_pairs_per_s": round(cand.size / t_reg, 1),
+    t = time.perf_counter()
+    register_candidates(q, keys, cand, threads=threads, refine=False)
+    t_coarse = time.perf_counter() - t
+    return {f"register{size}_coarse_size": coarse_size_for(size), f"register{size}_refine_top": DEFAULT_REFINE_TOP,
+            f"register{size}_pairs_per_s": round(cand.size / t_reg, 1),
             f"register{size}_pairs_per_cpu_s": round(cand.size / c_reg, 1),
-            f"register{size}_seconds_for_1000_x_k": round(1000 * cand.shape[1] / (cand.size / t_reg), 1)}
+            f"register{size}_coarse_only_pairs_per_s": round(cand.size / t_coarse, 1),
+            f"register{size}_seconds_for_1000_x_k": round(1000 * cand.shape[1] / (cand.size / t_reg), 1),
+            f"register{size}_target_2000_pairs_per_s": cand.size / t_reg >= 2000,
+            f"register{size}_load_average_1min": round(os.getloadavg()[0], 2)}
 
 
 def main() -> int:
@@ -133,7 +143,7 @@ def main() -> int:
     ap.add_argument("--max-keypoints", type=int, default=400)
     ap.add_argument("--baseline-queries", type=int, default=20)
     ap.add_argument("--no-pipeline", action="store_true", help="skip the pipeline-share measurement")
-    ap.add_argument("--register", default="", help="grid sizes for the registration verifier, e.g. 16,32")
+    ap.add_argument("--register", default="", help="grid sizes for the registration verifier, e.g. 16,32,64")
     args = ap.parse_args()
 
     import cv2

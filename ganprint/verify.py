@@ -478,12 +478,7 @@ def _register_describe(sets) -> dict:
 
     size = int(sets[0].images.shape[-1])
     return {"detector": "register", "local": {"detector": "register", "size": size},
-            "registration": {"angles": [-VR.DEFAULT_MAX_ANGLE, VR.DEFAULT_MAX_ANGLE, VR.DEFAULT_ANGLE_STEP],
-                             "shift": "phase correlation", "refine": "cv2.findTransformECC (euclidean)",
-                             "ecc_iters": VR.DEFAULT_ECC_ITERS, "ecc_blur": VR.DEFAULT_ECC_BLUR,
-                             "query_blurs": list(VR.DEFAULT_QUERY_BLURS), "max_shift": VR.DEFAULT_MAX_SHIFT,
-                             "min_overlap": VR.MIN_OVERLAP},
-            "score": "-log(1 - aligned ncc)"}
+            "registration": VR.describe(size), "score": "-log(1 - aligned ncc)"}
 
 
 def _accepts_grid(prov) -> bool:
@@ -493,7 +488,7 @@ def _accepts_grid(prov) -> bool:
 
 
 register_verify_method(VerifyMethod(
-    "register", "rotation search + phase correlation + ECC; score = -log(1 - NCC after alignment)",
+    "register", "coarse exhaustive rotation x shift NCC, ECC on the top candidates; score = -log(1 - NCC after alignment)",
     accepts=_accepts_grid,
     load=lambda paths: __import__("ganprint.verify_register", fromlist=["load_grids"]).load_grids(paths),
     lookup=_register_lookup,
