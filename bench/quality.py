@@ -27,7 +27,8 @@ REF/real_not_used`): known non-members scored in the same context as the test im
 test scores artifact has conformal p-values; they are not predicted.  With a pool, the pool is the
 null and selection uses every dev image (`--null-fraction auto`); without, half the dev
 non-members are held out of selection to be the null.  Verified candidates (`--auto-verify`,
-default register16,register32): the pixel shortlist re-scored by `simmatrix --verify`.
+default register16,register32): the shortlist of `--verify-shortlist` (default pixels_aligned,
+raw pixels in a canonical pose) re-scored by `simmatrix --verify`.
 Rows: every (feature space, attack) calibrated on dev, the seed's rule, and `auto`
 (`predict --attack auto` over all of them: chosen by repeated stratified CV on dev, its
 nested-CV estimate printed beside the test value); FDR: BH at Q = 0.1 on the auto p-values,
@@ -219,8 +220,8 @@ def run_auto(regime: str, generator: str, seed: int, out: Path, args) -> dict:
         sets.append(fs)
         rows += B.attack_rows(fs, truth, seed_rule=(i == 0), bootstrap=args.bootstrap)
         timings[f"embed+attacks {bb}"] = time.perf_counter() - t
-    shortlist = next((fs for fs in sets if fs.name == "pixels"), sets[-1])
-    for kind in args.auto_verify:  # verified candidates: the pixel shortlist re-scored (issue 11)
+    shortlist = next((fs for fs in sets if fs.name == args.verify_shortlist), sets[-1])
+    for kind in args.auto_verify:  # verified candidates: the shortlist re-scored (issue 11)
         t = time.perf_counter()
         vfs = B.add_verified(shortlist, root, work, kind, k=args.verify_k, progress=not args.quiet,
                              inputs=null_inputs(root))
@@ -350,7 +351,8 @@ def _synth_value(v: str):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regimes", default="memorize,generalize")
-    ap.add_argument("--backbones", default="efficientnet_lite0,pixels")
+    ap.add_argument("--backbones", default=None,
+                    help="[default: efficientnet_lite0,pixels; with --auto efficientnet_lite0,pixels,pixels_aligned]")
     ap.add_argument("--out", default="bench/out/quality")
     ap.add_argument("--bootstrap", type=int, default=500)
     ap.add_argument("--no-train", action="store_true", help="skip the 'after train' rows")
@@ -368,11 +370,15 @@ def main() -> int:
     ap.add_argument("--reference", type=int, default=200,
                     help="--auto: synth --reference-real: known non-members outside dev (the p-value null; 0: none, "
                          "then half the dev non-members are held out of selection to calibrate)")
+    ap.add_argument("--verify-shortlist", default="pixels_aligned",
+                    help="--auto: the feature space whose top-k the verified candidates re-score (one of --backbones)")
     ap.add_argument("--auto-verify", default="register16,register32",
-                    help="--auto: verified candidates (simmatrix --verify of the pixel shortlist), e.g. register16,sift; "
+                    help="--auto: verified candidates (simmatrix --verify of the shortlist), e.g. register16,sift; "
                          "empty: none")
     args = ap.parse_args()
     args.seeds = [int(v) for v in args.seeds.split(",") if v]
+    if args.backbones is None:
+        args.backbones = "efficientnet_lite0,pixels" + (",pixels_aligned" if args.auto else "")
     args.backbones = [b for b in args.backbones.split(",") if b]
     args.auto_verify = [v for v in args.auto_verify.split(",") if v]
     args.synth = {k: _synth_value(v) for k, v in (kv.split("=") for kv in args.synth.split(",") if kv)}

@@ -853,8 +853,9 @@ def _membership_null(tab, lab, y, groups, opts: AuditOptions, unknown: bool):
                             "n_null": int(len(nonmem))}, nonmem
     lab_rows = np.flatnonzero(lab)
     ids = [str(i) for i in tab["image_id"].to_numpy()]
+    # selection keeps enough near-duplicate groups of each class for its nested CV
     split = calibration_split([ids[r] for r in lab_rows], y, groups, [ids[r] for r in nonmem],
-                              opts.null_fraction, opts.seed)
+                              opts.null_fraction, opts.seed, min_groups=max(2, opts.folds))
     info = {k: v for k, v in split.info.items() if k != "calibration_ids"}
     if not split.ok:
         info["null"] = ("every known non-member, also used by selection: the unknown images' p-values are "

@@ -324,7 +324,9 @@ def predict_auto(
     groups, ginfo = _dev_groups(spaces, known, yk)
     # the known non-members that calibrate the p-values must not take part in the selection
     null0 = next((c.null for c in cands if c.null is not None), None)
-    split = calibration_split(kid, yk, groups, null0.ids if null0 is not None else [], null_fraction, cfg.seed)
+    # selection keeps enough near-duplicate groups of each class for its nested CV
+    split = calibration_split(kid, yk, groups, null0.ids if null0 is not None else [], null_fraction, cfg.seed,
+                              min_groups=max(2, cfg.folds))
     sm = split.selection if split.ok else np.ones(len(yk), dtype=bool)
     g_sel, ginfo = _restrict_groups(groups, ginfo, sm, yk)
     sel = select(X_dev[known][sm], yk[sm], names, cfg, nested=nested, groups=g_sel)
