@@ -164,3 +164,16 @@ def test_audit_selection_with_groups_on_a_grouped_null():
         rej["grp"] += res["nested"]["p_value"] < 0.05
     assert rej["img"] >= 3, rej  # 4 of 12 when written
     assert rej["grp"] <= 1, rej  # 0 of 12 when written; 12 x 0.05 = 0.6 expected
+
+
+def test_audit_with_too_few_non_members_to_hold_out_says_its_p_values_are_optimistic(tmp_path):
+    f = make_audit_folders(tmp_path / "d", n_known=4, n_unknown=4, n_generated=12, size=16)
+    opts = AuditOptions(backbones=("pixels",), bootstrap=0, repeats=1, folds=4, gallery=0, verify=False)
+    res = run_audit(tmp_path / "run", resolve_inputs(generated=f["generated"], members=f["members"],
+                                                     non_members=f["non_members"], unknown=f["unknown"]),
+                    opts, progress=False)
+    split = res.report["selection"]["calibration_split"]
+    # 4 non-members cannot keep 4 groups (folds) in selection and give some to the null: all of them
+    # are the null, and the report says what that costs
+    assert "optimistic" in split["null"] and res.report["flags"]["n_null"] == 4
+    assert res.report["selection"]["nested"]["n"] == 8
