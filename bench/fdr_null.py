@@ -62,23 +62,14 @@ def main() -> int:
     t0 = time.perf_counter()
     for test_path in sorted((run / "work").glob("*_testnull.safetensors")):
         space = test_path.name[: -len("_testnull.safetensors")]
-        dev_path = run / "work" / f"{space}_dev"
-        if not dev_path.with_suffix(".safetensors").exists():
-            continue
         test = read_artifact(str(test_path)[: -len(".safetensors")], kind="embeddings")
-        # (the dev non-members embedded with the test images are taken from the dev artifact)
-        dev = read_artifact(dev_path, kind="embeddings")
-        te, de = test.tensor("embeddings"), dev.tensor("embeddings")
+        te = test.tensor("embeddings")
         gen = te[_subset(test, "generated")]
         ids = test.table["image_id"].astype(str).to_numpy()
         test_neg = [i for i in _subset(test, "real_unknown") if truth.get(ids[i]) == 0]
         # the known non-members embedded with the test images (the dev ones, and the reference pool
         # when synth made one), and the test images whose truth is 0
-        known = _subset(test, "real_not_used")
-        if not len(known):  # an older run: the dev non-members from the dev artifact
-            pool = np.concatenate([de[_subset(dev, "real_not_used")].numpy(), te[test_neg].numpy()])
-        else:
-            pool = np.concatenate([te[known].numpy(), te[test_neg].numpy()])
+        pool = np.concatenate([te[_subset(test, "real_not_used")].numpy(), te[test_neg].numpy()])
         rng = np.random.default_rng(args.seed)
         anyflag = {a: 0 for a in attacks}
         flags_total = {a: 0 for a in attacks}
