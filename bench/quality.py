@@ -180,6 +180,7 @@ def _auto_row(sets, truth: dict, bootstrap: int, q: float, seed: int) -> dict:
         "dev_kappa": None, "threshold": pred.decision.threshold,
         "nested_auc": nest["auc_mean"], "nested_auc_ci": nest["auc_ci"], "nested_kappa": nest["kappa_mean"],
         "nested_kappa_ci": nest["kappa_ci"], "nested_choices": nest["choice_counts"], "reason": sel["reason"],
+        "signal_p": nest.get("signal_p"),
         "auto_seconds": round(secs, 1),
     }
     split = sel.get("calibration_split") or {}
@@ -239,7 +240,7 @@ def run_auto(regime: str, generator: str, seed: int, out: Path, args) -> dict:
         "best_single_auc": best, "best_single": next(f"{r['features']}/{r['attack']}" for r in rows
                                                      if r["rule"] == "dev-calibrated" and r["auc"] == best),
         "median_auc": median, "auto_auc": auto["auc"], "auto_choice": auto["attack"],
-        "nested_auc": auto["nested_auc"], "nested_auc_ci": ci,
+        "nested_auc": auto["nested_auc"], "nested_auc_ci": ci, "signal_p": auto.get("signal_p"),
         "test_in_ci": bool(ci is not None and ci[0] <= auto["auc"] <= ci[1]),
         "est_minus_test": auto["nested_auc"] - auto["auc"],
         "auto_kappa": auto["kappa"], "nested_kappa": auto["nested_kappa"],
@@ -259,13 +260,14 @@ def _auto_markdown(summaries: list[dict]) -> str:
         return "—" if v is None else f"{v:.{nd}f}"
 
     lines = ["| run | best single row (AUC) | median row AUC | auto: choice | auto AUC test | nested-CV AUC [95% CI] "
-             "| auto κ test | nested κ | FDR@0.1 realised (recall, flagged) | null / fewest BH flags / members |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| dev signal p | auto κ test | nested κ | FDR@0.1 realised (recall, flagged) | null / fewest BH flags / members |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         ci = s["nested_auc_ci"]
         lines.append(f"| {s['run']} | {s['best_single']} ({f(s['best_single_auc'])}) | {f(s['median_auc'])} | "
                      f"{s['auto_choice']} | {f(s['auto_auc'])} | {f(s['nested_auc'])}"
-                     f"{'' if not ci else f' [{ci[0]:.2f}, {ci[1]:.2f}]'} | {f(s['auto_kappa'])} | "
+                     f"{'' if not ci else f' [{ci[0]:.2f}, {ci[1]:.2f}]'} | "
+                     f"{'—' if s.get('signal_p') is None else format(s['signal_p'], '.2g')} | {f(s['auto_kappa'])} | "
                      f"{f(s['nested_kappa'])} | {f(s['fdr_realised'])} ({f(s['fdr_recall'], 2)}, {s['fdr_flagged']}) | "
                      f"{s.get('n_null')} / {s.get('bh_min_flags')} / {s.get('n_members_test')} |")
     return "\n".join(lines)
@@ -292,6 +294,7 @@ def _acceptance(summaries: list[dict]) -> dict:
             "ok_median(mean)": (auto >= med + 0.05) if max(s["best_single_auc"] for s in ss) >= 0.6 else None,
             "runs_ok_best": f"{sum(s['ok_best'] for s in ss)}/{len(ss)}",
             "test_in_nested_ci": f"{sum(s['test_in_ci'] for s in ss)}/{len(ss)}",
+            "runs_dev_signal(p<0.01)": f"{sum((s.get('signal_p') or 1.0) < 0.01 for s in ss)}/{len(ss)}",
             "mean_est_minus_test": float(np.mean([s["est_minus_test"] for s in ss])),
             "mean_fdr_realised": float(np.mean(fdrs)) if fdrs else None,
             "mean_fdr_recall": float(np.mean(recs)) if recs else None,

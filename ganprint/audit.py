@@ -804,35 +804,6 @@ def _copy_stage(realset: RealSet, gens: dict, inp: AuditInputs, opts: AuditOptio
     return tens, {"copy_test": test, "memorisation": memo, "copies": summary}
 
 
-def _ecdf_position(ref_sorted, s):
-    """Share of ``ref_sorted`` below each s (ties half), a scale shared by every fold."""
-    import numpy as np
-
-    lo = np.searchsorted(ref_sorted, s, side="left")
-    hi = np.searchsorted(ref_sorted, s, side="right")
-    return (lo + hi) / (2.0 * max(len(ref_sorted), 1))
-
-
-def _oof_pvalue(y, oof, groups=None) -> float:
-    """One-sided Mann-Whitney p-value of "members score higher" on pooled out-of-fold scores: each
-    fold's held-out scores come from a procedure fitted without them (folds keep groups whole), so
-    under no signal the two classes' scores are exchangeable.  With ``groups`` [n] the test is over
-    groups, not images: the unit is (group, label) with its mean out-of-fold score, because
-    near-duplicate slices of one patient are one piece of evidence, not several."""
-    import numpy as np
-    import pandas as pd
-    from scipy.stats import mannwhitneyu
-
-    y = np.asarray(y).astype(np.int64)
-    oof = np.asarray(oof, dtype=np.float64)
-    if groups is not None:
-        unit = pd.DataFrame({"g": np.asarray(groups), "y": y, "s": oof}).groupby(["g", "y"], sort=True)["s"].mean()
-        y = unit.index.get_level_values("y").to_numpy()
-        oof = unit.to_numpy()
-    yb = y.astype(bool)
-    return float(mannwhitneyu(oof[yb], oof[~yb], alternative="greater").pvalue)
-
-
 def _membership_null(tab, lab, y, groups, opts: AuditOptions, unknown: bool):
     """Which labelled rows selection may use, and which known non-members are the unknown images'
     p-value null.  -> (lab_sel bool [R], info dict, null_rows int [K]).
@@ -870,8 +841,10 @@ def _membership_null(tab, lab, y, groups, opts: AuditOptions, unknown: bool):
 
 def _select(S, lab, y, names, opts: AuditOptions, groups=None):
     """groups: int [n_lab] near-duplicate groups of the labelled images (None: every image alone)."""
+    from ganprint.select import oof_rank_pvalue
+
     res, score, ref, oof_s, oof_l = _select_impl(S, lab, y, names, opts, groups)
-    res["nested"]["p_value"] = _oof_pvalue(y, oof_s, groups)
+    res["nested"]["p_value"] = oof_rank_pvalue(y, oof_s, groups)
     if groups is not None:
         import numpy as np
 
@@ -932,7 +905,7 @@ def _select_impl(S, lab, y, names, opts: AuditOptions, groups=None):
         idx, _, _ = SEL.choose(Xl[tr], y[tr], names, cfg, with_kappa=False, groups=gtr)
         proc = SEL.fit_procedure(Xl[tr], y[tr], idx, names, cfg, groups=gtr)
         s_te = proc.score(Xl[te])
-        oof_s[te] = _ecdf_position(np.sort(proc.score(Xl[tr])[y[tr] == 0]), s_te)
+        oof_s[te] = SEL.ecdf_position(np.sort(proc.score(Xl[tr])[y[tr] == 0]), s_te)
         oof_l[te] = (s_te >= proc.threshold).astype(np.int64)
         if fitted:  # the chosen combination, refit without the fold
             ch = SEL.candidate_names(names, cfg).index(sel.chosen)

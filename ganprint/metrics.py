@@ -379,7 +379,8 @@ def run_score(predictions, truth=None, *, bootstrap: int = 1000, seed: int = 0, 
         if isinstance(prov.get("selection"), dict):
             sel = prov["selection"]
             res["chosen"] = sel.get("chosen")
-            res["nested"] = {k: (sel.get("nested") or {}).get(k) for k in ("auc_mean", "auc_ci", "kappa_mean", "kappa_ci")}
+            res["nested"] = {k: (sel.get("nested") or {}).get(k)
+                             for k in ("auc_mean", "auc_ci", "kappa_mean", "kappa_ci", "signal_p", "signal")}
     if plot is not None:
         if pred["scores"] is None:
             raise GanprintError(f"--plot needs scores; {pred['source']} is a CSV of labels, pass the scores "

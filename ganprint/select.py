@@ -26,7 +26,10 @@ The procedure ``choose-then-fit`` on a labelled set (X, y):
 procedure* by an outer RepeatedStratifiedKFold: each outer training part runs steps 1-3 from
 scratch (its own inner CV, its own choice), and the fitted procedure is scored on the outer test
 fold it never saw.  Mean and a corrected-t 95% CI (Nadeau & Bengio 2003) of those outer AUCs and
-kappas are the honest estimate; the in-sample number is never reported as one.
+kappas are the honest estimate; the in-sample number is never reported as one.  The pooled
+out-of-fold scores of the first outer repeat also test whether there is membership signal at all
+(one-sided rank test, over near-duplicate groups): where it is not significant, the choice among
+candidates is a guess at this dev size, and the report says so.
 
 Public API:
 
@@ -36,7 +39,9 @@ Public API:
   ``.score(X_new) -> float64 [M]``, ``.decide(X_new) -> int64 [M]``)
 - ``choose(X, y, names, config) -> (index, reason, [CandidateCV])`` and
   ``fit_procedure(X, y, index, names, config) -> Procedure`` (steps 1-2 and 3)
-- ``nested_cv(X, y, names, config, splits=None) -> NestedEstimate``
+- ``nested_cv(X, y, names, config, splits=None) -> NestedEstimate`` (AUC / kappa with CIs, and
+  ``.signal_p`` / ``.signal``: is there membership signal on the labelled images at all?)
+- ``oof_rank_pvalue(y, oof, groups)`` and ``ecdf_position``: that test, also used by ganprint.audit.
 - ``CandidateScores`` + ``candidate_matrix``: named score vectors (dev / test / null) -> matrices.
 
 Every entry point takes ``groups`` (int [N], default None = every image alone): given, all CV
@@ -226,6 +231,50 @@ def _corrected_ci(values, n_train: float, n_test: float, level: float = 0.95, bo
     se = math.sqrt((1.0 / J + n_test / max(n_train, 1.0)) * var)
     h = float(student.ppf(0.5 + level / 2, J - 1)) * se
     return mean, [max(bounds[0], mean - h), min(bounds[1], mean + h)]
+
+
+SIGNAL_ALPHA = 0.01  # membership signal on the labelled images: out-of-fold rank test p below this
+
+
+def ecdf_position(ref_sorted, s):
+    """Share of ``ref_sorted`` [K] (ascending) below each of s [M] (ties half) -> float64 [M]: a
+    scale shared by procedures fitted on different folds (their raw scores are not comparable)."""
+    import numpy as np
+
+    lo = np.searchsorted(ref_sorted, s, side="left")
+    hi = np.searchsorted(ref_sorted, s, side="right")
+    return (lo + hi) / (2.0 * max(len(ref_sorted), 1))
+
+
+def oof_rank_pvalue(y, oof, groups=None) -> float:
+    """One-sided Mann-Whitney p-value of "members score higher" on pooled out-of-fold scores oof [n]
+    (y [n] in {0, 1}): each fold's held-out scores come from a procedure fitted without them (folds
+    keep groups whole), so under no signal the two classes' scores are exchangeable.  With
+    ``groups`` [n] the test is over groups, not images: the unit is (group, label) with its mean
+    out-of-fold score, because near-duplicate slices of one patient are one piece of evidence."""
+    import numpy as np
+    import pandas as pd
+    from scipy.stats import mannwhitneyu
+
+    y = np.asarray(y).astype(np.int64)
+    oof = np.asarray(oof, dtype=np.float64)
+    if groups is not None:
+        unit = pd.DataFrame({"g": np.asarray(groups), "y": y, "s": oof}).groupby(["g", "y"], sort=True)["s"].mean()
+        y = unit.index.get_level_values("y").to_numpy()
+        oof = unit.to_numpy()
+    yb = y.astype(bool)
+    return float(mannwhitneyu(oof[yb], oof[~yb], alternative="greater").pvalue)
+
+
+def signal_sentence(p: float | None, unit: str = "image", alpha: float = SIGNAL_ALPHA) -> str:
+    """The line a user reads about :attr:`NestedEstimate.signal_p` (also from its JSON form)."""
+    if p is None:
+        return "membership signal on the labelled images: not tested"
+    what = "near-duplicate groups" if unit != "image" else "images"
+    if p < alpha:
+        return f"membership signal on the labelled images: significant (out-of-fold rank test over {what}, p = {p:.2g})"
+    return (f"membership signal on the labelled images: not significant (out-of-fold rank test over {what}, "
+            f"p = {p:.2g} >= {alpha:g}): at this dev size the choice among candidates is a guess")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,9 +536,24 @@ class NestedEstimate:
     auc_folds: list[float]
     kappa_folds: list[float]
     method: str = "nested RepeatedStratifiedKFold; 95% CI: Nadeau-Bengio corrected t"
+    # is there membership signal at all?  One-sided Mann-Whitney test of the pooled out-of-fold
+    # scores of the first outer repeat (ecdf positions against each fold's training non-members),
+    # over near-duplicate groups when given; None when the outer splits are not a partition
+    signal_p: float | None = None
+    signal_unit: str = "image"
+    signal_alpha: float = SIGNAL_ALPHA
+
+    @property
+    def signal(self) -> bool | None:
+        """True when the labelled images show membership signal (``signal_p`` < ``signal_alpha``)."""
+        return None if self.signal_p is None else bool(self.signal_p < self.signal_alpha)
+
+    def signal_text(self) -> str:
+        """One line: is the choice informed, or a guess at this dev size?"""
+        return signal_sentence(self.signal_p, self.signal_unit, self.signal_alpha)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "signal": self.signal}
 
     def choice_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -516,12 +580,18 @@ def nested_cv(X, y, names: Sequence[str], config: SelectConfig | None = None, sp
         splits = list(splits)
         folds = 0
     aucs, kaps, chosen, n_tr, n_te = [], [], [], [], []
-    for tr, te in splits:
+    # the first outer repeat: its test folds partition the images (checked below)
+    first = max(folds, 1) if folds else len(splits)
+    oof, seen = np.zeros(len(y)), np.zeros(len(y), dtype=np.int64)
+    for i, (tr, te) in enumerate(splits):
         ytr = y[tr]
         gtr = None if groups is None else groups[tr]
         idx, _, _ = choose(X[tr], ytr, names, cfg, with_kappa=False, groups=gtr)
         proc = _fit(idx, X[tr], ytr, names, cfg, groups=gtr)
         s = proc.score(X[te])
+        if i < first:
+            oof[te] = ecdf_position(np.sort(proc.score(X[tr])[ytr == 0]), s)
+            seen[te] += 1
         aucs.append(float(_auc_columns(y[te], s[:, None])[0]))
         kaps.append(_kappa(y[te], s >= proc.threshold))
         chosen.append(all_names[idx])
@@ -529,8 +599,9 @@ def nested_cv(X, y, names: Sequence[str], config: SelectConfig | None = None, sp
         n_te.append(len(te))
     a_mean, a_ci = _corrected_ci(aucs, float(np.mean(n_tr)), float(np.mean(n_te)), bounds=(0.0, 1.0))
     k_mean, k_ci = _corrected_ci(kaps, float(np.mean(n_tr)), float(np.mean(n_te)))
+    p = oof_rank_pvalue(y, oof, groups) if np.all(seen == 1) else None
     return NestedEstimate(a_mean, a_ci, k_mean, k_ci, len(splits), folds, cfg.outer_repeats if folds else 0,
-                          chosen, aucs, kaps)
+                          chosen, aucs, kaps, signal_p=p, signal_unit="image" if groups is None else "group")
 
 
 # ---------------------------------------------------------------------------------------------

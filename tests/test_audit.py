@@ -135,7 +135,7 @@ def _grouped_null_scores(seed, n_pat=30, per=4, cands=3):
 
 def test_group_level_rank_test_is_calibrated_where_the_image_level_one_is_not():
     """Near-duplicates of one patient fool a rank test over images, not one over groups."""
-    from ganprint.audit import _oof_pvalue
+    from ganprint.select import oof_rank_pvalue as _oof_pvalue
 
     p_img, p_grp = [], []
     for seed in range(300):

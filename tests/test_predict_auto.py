@@ -199,6 +199,15 @@ def test_cli_auto_json_and_score_reports_realised_fdr(spaces, tmp_path):
     m = json.loads(sc.stdout)
     assert m["fdr_target"] == 0.1
     assert m["fdr_realised"] == pytest.approx(1 - m["precision"]) if m["n_pred_pos"] else m["fdr_realised"] == 0.0
+    # is there signal at all: in the artifact, in score's report, and in the human log line
+    p = summary["selection"]["nested"]["signal_p"]
+    assert 0.0 <= p <= 1.0 and m["nested"]["signal_p"] == p and m["nested"]["signal"] == (p < 0.01)
+    table = runner.invoke(app, ["score", str(out), "--bootstrap", "0"])
+    assert table.exit_code == 0 and "dev membership signal" in table.stdout
+    log = runner.invoke(app, ["predict", str(spaces["pixels"]["test_null"]), "--attack", "auto", "--calibrate",
+                              str(spaces["pixels"]["dev"]), "--out", str(tmp_path / "auto_log")])
+    assert log.exit_code == 0, log.stderr
+    assert "membership signal on the labelled images: " in log.stderr
     # non-auto with several artifacts is refused
     bad = runner.invoke(app, ["predict", str(spaces["pixels"]["test"]), str(spaces["test_resnet"]["test"]),
                               "--balanced", "--out", str(tmp_path / "x")])

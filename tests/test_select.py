@@ -131,3 +131,45 @@ def test_select_with_groups_is_deterministic_and_checks_shape():
     assert a == b
     with pytest.raises(GanprintError, match="groups"):
         select(X, y, names, FAST, groups=pid[:-1])
+
+
+def test_signal_test_finds_signal_and_says_so():
+    X, y, names = _data(120)
+    est = select(X, y, names, FAST).nested
+    assert est.signal_p is not None and est.signal_p < 1e-4 and est.signal is True
+    assert "significant" in est.signal_text() and "not significant" not in est.signal_text()
+    d = est.to_dict()
+    assert d["signal"] is True and d["signal_unit"] == "image" and d["signal_alpha"] == 0.01
+
+
+def test_signal_test_is_calibrated_under_no_signal():
+    """Pure noise candidates: the best of them looks good in-sample, yet the out-of-fold rank test
+    rejects at about its level (a test of the in-sample best column would reject far more often)."""
+    from scipy.stats import kstest
+
+    cfg = SelectConfig(folds=3, repeats=1, outer_folds=3, outer_repeats=1)
+    ps, insample = [], []
+    for seed in range(60):
+        X, y, names = _data(48, seed=100 + seed, strengths=(0, 0, 0, 0, 0))
+        est = nested_cv(X, y, names, cfg)
+        ps.append(est.signal_p)
+        from ganprint.select import oof_rank_pvalue
+
+        best = int(np.argmax([np.mean(X[y == 1, j]) - np.mean(X[y == 0, j]) for j in range(X.shape[1])]))
+        insample.append(oof_rank_pvalue(y, X[:, best]))
+    ps = np.asarray(ps)
+    assert np.mean(ps < 0.1) <= 0.2
+    assert kstest(ps, "uniform").pvalue > 0.001
+    assert np.mean(np.asarray(insample) < 0.1) > 0.25  # the control: choosing on the same labels
+
+
+def test_signal_test_over_groups_and_not_for_overlapping_splits():
+    X, y, names = _data(80, seed=4, strengths=(1.2, 0.0))
+    groups = np.arange(80) // 2
+    est = nested_cv(X, y, names, FAST, groups=groups)
+    assert est.signal_unit == "group" and est.signal
+    # splits that are not one partition of the images: no test rather than a wrong one
+    splits = [(np.arange(40, 80), np.arange(0, 40)), (np.arange(20, 80), np.arange(0, 20))]
+    y2 = np.r_[np.tile([1, 0], 40)]
+    assert nested_cv(X, y2, names, FAST, splits=splits).signal_p is None
+    assert "not tested" in nested_cv(X, y2, names, FAST, splits=splits).signal_text()

@@ -44,6 +44,10 @@ def _selection_lines(sel: dict) -> list[str]:
             nest["auc_mean"], f" [{a_ci[0]:.2f}, {a_ci[1]:.2f}]" if a_ci else "",
             nest["kappa_mean"], f" [{k_ci[0]:.2f}, {k_ci[1]:.2f}]" if k_ci else "", nest["n_splits"],
             ", ".join(f"{k} x{v}" for k, v in (nest.get("choice_counts") or {}).items())))
+        from ganprint.select import SIGNAL_ALPHA, signal_sentence
+
+        lines.append(signal_sentence(nest.get("signal_p"), nest.get("signal_unit", "image"),
+                                     nest.get("signal_alpha", SIGNAL_ALPHA)))
     return lines
 
 

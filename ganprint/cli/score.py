@@ -64,6 +64,9 @@ def score(
         n = res["nested"]
         t.add_row(f"nested-CV AUC estimate ({res.get('chosen')})", _fmt(n["auc_mean"]),
                   "-" if not n.get("auc_ci") else f"[{n['auc_ci'][0]:.3f}, {n['auc_ci'][1]:.3f}]")
+        if n.get("signal_p") is not None:
+            t.add_row("dev membership signal (out-of-fold rank test p)", f"{n['signal_p']:.2g}",
+                      "significant" if n.get("signal") else "not significant: the choice is a guess")
     console = Console()
     console.print(t)
     if res["bootstrap"]:
