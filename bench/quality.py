@@ -255,6 +255,18 @@ def run_auto(regime: str, generator: str, seed: int, out: Path, args) -> dict:
     return {"summary": summary, "rows": rows}
 
 
+REGIME_ORDER = ("memorize", "copies", "balanced", "generalize")
+
+
+def _ordered(summaries: list[dict]) -> list[dict]:
+    """Runs in table order (regime, generator, seed), whatever order the invocations wrote them."""
+    def key(s):
+        r = s["regime"]
+        return (REGIME_ORDER.index(r) if r in REGIME_ORDER else len(REGIME_ORDER), r, s["generator"], s["seed"])
+
+    return sorted(summaries, key=key)
+
+
 def _auto_markdown(summaries: list[dict]) -> str:
     def f(v, nd=3):
         return "—" if v is None else f"{v:.{nd}f}"
@@ -262,7 +274,7 @@ def _auto_markdown(summaries: list[dict]) -> str:
     lines = ["| run | best single row (AUC) | median row AUC | auto: choice | auto AUC test | nested-CV AUC [95% CI] "
              "| dev signal p | auto κ test | nested κ | FDR@0.1 realised (recall, flagged) | null / fewest BH flags / members |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for s in summaries:
+    for s in _ordered(summaries):
         ci = s["nested_auc_ci"]
         lines.append(f"| {s['run']} | {s['best_single']} ({f(s['best_single_auc'])}) | {f(s['median_auc'])} | "
                      f"{s['auto_choice']} | {f(s['auto_auc'])} | {f(s['nested_auc'])}"
@@ -273,12 +285,30 @@ def _auto_markdown(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _acceptance_markdown(acc: dict) -> str:
+    """Per regime x generator (means over the seeds), the acceptance checks of issue 12."""
+    def f(v, nd=3, sign=False):
+        return "—" if v is None else (f"{v:+.{nd}f}" if sign else f"{v:.{nd}f}")
+
+    lines = ["| regime-generator | seeds | mean best single row | mean median row | mean auto | auto ≥ best − 0.03 (mean) "
+             "| runs ≥ best − 0.03 | runs with dev signal (p < 0.01) | mean nested − test | test in nested CI "
+             "| FDR 0.1: mean realised (mean recall) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, a in acc.items():
+        ok = "yes" if a["ok_best(mean)"] else "**no**"
+        lines.append(f"| {key} | {','.join(str(x) for x in a['seeds'])} | {f(a['mean_best_single_auc'])} | "
+                     f"{f(a['mean_median_auc'])} | {f(a['mean_auto_auc'])} | {ok} | {a['runs_ok_best']} | "
+                     f"{a.get('runs_dev_signal(p<0.01)') or '—'} | {f(a['mean_est_minus_test'], sign=True)} | "
+                     f"{a['test_in_nested_ci']} | {f(a['mean_fdr_realised'])} ({f(a['mean_fdr_recall'], 2)}) |")
+    return "\n".join(lines)
+
+
 def _acceptance(summaries: list[dict]) -> dict:
     """Per regime x generator, over seeds: mean AUCs and the acceptance checks."""
     import numpy as np
 
     groups: dict[str, list[dict]] = {}
-    for s in summaries:
+    for s in _ordered(summaries):
         groups.setdefault(f"{s['regime']}-{s['generator']}", []).append(s)
     out = {}
     for key, ss in groups.items():
@@ -294,7 +324,8 @@ def _acceptance(summaries: list[dict]) -> dict:
             "ok_median(mean)": (auto >= med + 0.05) if max(s["best_single_auc"] for s in ss) >= 0.6 else None,
             "runs_ok_best": f"{sum(s['ok_best'] for s in ss)}/{len(ss)}",
             "test_in_nested_ci": f"{sum(s['test_in_ci'] for s in ss)}/{len(ss)}",
-            "runs_dev_signal(p<0.01)": f"{sum((s.get('signal_p') or 1.0) < 0.01 for s in ss)}/{len(ss)}",
+            "runs_dev_signal(p<0.01)": (None if all(s.get("signal_p") is None for s in ss) else
+                                        f"{sum(s['signal_p'] < 0.01 for s in ss if s.get('signal_p') is not None)}/{len(ss)}"),
             "mean_est_minus_test": float(np.mean([s["est_minus_test"] for s in ss])),
             "mean_fdr_realised": float(np.mean(fdrs)) if fdrs else None,
             "mean_fdr_recall": float(np.mean(recs)) if recs else None,
@@ -333,7 +364,7 @@ def main_auto(args) -> int:
                 (out / "auto.json").write_text(json.dumps({"runs": summaries, "acceptance": acc,
                                                            "rows": [B.public(r) for r in all_rows]},
                                                           indent=2, default=float))
-                (out / "auto.md").write_text(_auto_markdown(summaries) + "\n\n" + B.markdown_table(
+                (out / "auto.md").write_text(_auto_markdown(summaries) + "\n\n" + _acceptance_markdown(acc) + "\n\n" + B.markdown_table(
                     [B.public(r) for r in all_rows]) + "\n")
     console.print(_auto_markdown(summaries))
     console.print_json(json.dumps(_acceptance(summaries), default=float))
