@@ -333,6 +333,27 @@ def _acceptance(summaries: list[dict]) -> dict:
     return out
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Whole file or the old one: a concurrent invocation may read it at any moment."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _merge(out: Path, mine: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    """(summaries, rows): OUT/auto.json's runs that this invocation did not compute, then this
+    invocation's ``mine`` ({run: {"summary", "rows"}})."""
+    summaries, rows = [], []
+    if (out / "auto.json").exists():
+        old = json.loads((out / "auto.json").read_text())
+        summaries = [x for x in old.get("runs", []) if x["run"] not in mine]
+        rows = [r for r in old.get("rows", []) if r.get("regime") not in mine]
+    for res in mine.values():
+        summaries.append(res["summary"])
+        rows += res["rows"]
+    return summaries, rows
+
+
 def main_auto(args) -> int:
     from rich.console import Console
 
@@ -341,31 +362,26 @@ def main_auto(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(width=170)
-    summaries, all_rows = [], []
-    if (out / "auto.json").exists() and not args.fresh:
-        # runs of earlier invocations into the same OUT are kept (a rerun of a run replaces it)
-        old = json.loads((out / "auto.json").read_text())
-        summaries, all_rows = old.get("runs", []), old.get("rows", [])
+    # runs of earlier (or concurrent) invocations into the same OUT are kept; a run this invocation
+    # computes replaces theirs, and only those: the file is re-read before every write
+    mine: dict[str, dict] = {}
+    if args.fresh:
+        (out / "auto.json").unlink(missing_ok=True)
+    summaries, all_rows = _merge(out, mine)
     for regime in [r for r in args.regimes.split(",") if r]:
         for gen in [g for g in args.generators.split(",") if g]:
             for seed in args.seeds:
                 res = run_auto(regime, gen, seed, out, args)
-                tag = res["summary"]["run"]
-                if (out / "auto.json").exists():  # another invocation may have added runs meanwhile
-                    old = json.loads((out / "auto.json").read_text())
-                    mine = {x["run"] for x in summaries}
-                    summaries += [x for x in old.get("runs", []) if x["run"] not in mine]
-                    all_rows += [r for r in old.get("rows", []) if r.get("regime") not in mine]
-                summaries = [x for x in summaries if x["run"] != tag] + [res["summary"]]
-                all_rows = [r for r in all_rows if r.get("regime") != tag] + res["rows"]
+                mine[res["summary"]["run"]] = res
+                summaries, all_rows = _merge(out, mine)
                 console.print(B.format_table(res["rows"], title=f"{res['summary']['run']} (test split)"))
                 print(json.dumps(res["summary"], default=float), file=sys.stderr)
                 acc = _acceptance(summaries)
-                (out / "auto.json").write_text(json.dumps({"runs": summaries, "acceptance": acc,
-                                                           "rows": [B.public(r) for r in all_rows]},
-                                                          indent=2, default=float))
-                (out / "auto.md").write_text(_auto_markdown(summaries) + "\n\n" + _acceptance_markdown(acc) + "\n\n" + B.markdown_table(
-                    [B.public(r) for r in all_rows]) + "\n")
+                _write_atomic(out / "auto.json", json.dumps({"runs": summaries, "acceptance": acc,
+                                                             "rows": [B.public(r) for r in all_rows]},
+                                                            indent=2, default=float))
+                _write_atomic(out / "auto.md", _auto_markdown(summaries) + "\n\n" + _acceptance_markdown(acc) + "\n\n"
+                              + B.markdown_table([B.public(r) for r in all_rows]) + "\n")
     console.print(_auto_markdown(summaries))
     console.print_json(json.dumps(_acceptance(summaries), default=float))
     print(f"wrote {out / 'auto.md'}", file=sys.stderr)
