@@ -267,10 +267,13 @@ def _ordered(summaries: list[dict]) -> list[dict]:
     return sorted(summaries, key=key)
 
 
-def _auto_markdown(summaries: list[dict]) -> str:
-    def f(v, nd=3):
-        return "—" if v is None else f"{v:.{nd}f}"
+def num(v, nd: int = 3, sign: bool = False) -> str:
+    """A table cell: ``v`` to ``nd`` decimals (``+`` shown with ``sign``), or — for None."""
+    return "—" if v is None else (f"{v:+.{nd}f}" if sign else f"{v:.{nd}f}")
 
+
+def _auto_markdown(summaries: list[dict]) -> str:
+    f = num
     lines = ["| run | best single row (AUC) | median row AUC | auto: choice | auto AUC test | nested-CV AUC [95% CI] "
              "| dev signal p | auto κ test | nested κ | FDR@0.1 realised (recall, flagged) | null / fewest BH flags / members |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -287,8 +290,7 @@ def _auto_markdown(summaries: list[dict]) -> str:
 
 def _acceptance_markdown(acc: dict) -> str:
     """Per regime x generator (means over the seeds), the acceptance checks of issue 12."""
-    def f(v, nd=3, sign=False):
-        return "—" if v is None else (f"{v:+.{nd}f}" if sign else f"{v:.{nd}f}")
+    f = num
 
     lines = ["| regime-generator | seeds | mean best single row | mean median row | mean auto | auto ≥ best − 0.03 (mean) "
              "| runs ≥ best − 0.03 | runs with dev signal (p < 0.01) | mean nested − test | test in nested CI "

@@ -128,8 +128,8 @@ def _best_fixed_row(rows: list[dict]) -> dict | None:
 
 
 def markdown(rows: list[dict]) -> str:
-    def f(v, nd=3):
-        return "—" if v is None else f"{v:.{nd}f}"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality import num as f
 
     out = ["| run | rows | best single row (test AUC) | median | max over rows, permuted labels: mean [95%] | p (best vs permuted max) "
            "| auto test AUC | dev signal p | auto ≥ best − 0.03 | P₀(auto ≥ max − 0.03) |",
