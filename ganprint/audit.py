@@ -908,8 +908,7 @@ def _select_impl(S, lab, y, names, opts: AuditOptions, groups=None):
         oof_s[te] = SEL.ecdf_position(np.sort(proc.score(Xl[tr])[y[tr] == 0]), s_te)
         oof_l[te] = (s_te >= proc.threshold).astype(np.int64)
         if fitted:  # the chosen combination, refit without the fold
-            ch = SEL.candidate_names(names, cfg).index(sel.chosen)
-            ref[lab_rows[te]] = SEL.fit_procedure(Xl[tr], y[tr], ch, names, cfg, groups=gtr).score(Xl[te])
+            ref[lab_rows[te]] = SEL.fit_procedure(Xl[tr], y[tr], sel.choice, names, cfg, groups=gtr).score(Xl[te])
     m = evaluate(y, oof_l, oof_s, bootstrap=opts.bootstrap, seed=opts.seed)
     d = sel.to_dict()
     ne = d["nested"]

@@ -18,7 +18,10 @@ The procedure ``choose-then-fit`` on a labelled set (X, y):
 2. the best mean CV AUC wins, but **differences within noise go to the simpler candidate**: a
    combination is only chosen if the best single column is more than ``noise`` corrected
    standard errors below it (one-standard-error rule; the SE of the paired fold-wise difference
-   with the Nadeau-Bengio correction for overlapping training sets);
+   with the Nadeau-Bengio correction for overlapping training sets); and the single columns
+   within ``noise`` SEs of the best are not told apart by these labels, so with ``window`` (the
+   default) they are averaged, the mean of their z-scores (Occam's window; a column repeating
+   another's values counts once), instead of betting on the one that ranked first by chance;
 3. the winner is refit on all of (X, y): its columns, z-scoring/logistic weights, and the cut
    "score >= t" maximising Cohen's kappa (for the combinations: on out-of-fold scores).
 
@@ -33,12 +36,12 @@ candidates is a guess at this dev size, and the report says so.
 
 Public API:
 
-- ``SelectConfig`` (folds, repeats, outer_folds, outer_repeats, top, C, noise, seed)
+- ``SelectConfig`` (folds, repeats, outer_folds, outer_repeats, top, C, noise, window, seed)
 - ``select(X, y, names, config=None, nested=True) -> Selection``
   (``.chosen``, ``.candidates`` [CandidateCV], ``.procedure``, ``.nested``, ``.to_dict()``,
   ``.score(X_new) -> float64 [M]``, ``.decide(X_new) -> int64 [M]``)
-- ``choose(X, y, names, config) -> (index, reason, [CandidateCV])`` and
-  ``fit_procedure(X, y, index, names, config) -> Procedure`` (steps 1-2 and 3)
+- ``choose(X, y, names, config) -> (Choice, reason, [CandidateCV])`` and
+  ``fit_procedure(X, y, choice, names, config) -> Procedure`` (steps 1-2 and 3)
 - ``nested_cv(X, y, names, config, splits=None) -> NestedEstimate`` (AUC / kappa with CIs, and
   ``.signal_p`` / ``.signal``: is there membership signal on the labelled images at all?)
 - ``oof_rank_pvalue(y, oof, groups)`` and ``ecdf_position``: that test, also used by ganprint.audit.
@@ -73,6 +76,9 @@ class SelectConfig:
     top: int = 3  # columns in the combinations
     C: float = 0.05  # inverse L2 strength of the stacker (on standardised scores)
     noise: float = 1.0  # one-standard-error rule: combinations must beat the best single by this many SEs
+    # Occam's window: the single candidates within ``noise`` SEs of the best are averaged (mean of
+    # their z-scores) instead of betting on the one that happened to rank first; False: the best alone
+    window: bool = True
     seed: int = 0
 
     def validate(self) -> "SelectConfig":
@@ -295,6 +301,7 @@ class Procedure:
     coef: list[float] | None = None  # stack: logistic weights on z-scored columns
     intercept: float | None = None
     train_kappa: float | None = None  # kappa of the cut where it was chosen (in-sample / OOF)
+    inputs: list[str] | None = None  # window: the names of its columns (best CV AUC first)
 
     def score(self, X):
         import numpy as np
@@ -363,11 +370,44 @@ def candidate_names(names: Sequence[str], cfg: SelectConfig) -> list[str]:
     return list(names) + [n for _, n in _combos(len(names), cfg)]
 
 
-def _fit(index: int, X, y, names: Sequence[str], cfg: SelectConfig, *, cut: bool = True, groups=None) -> Procedure:
-    """Fit candidate ``index`` (0..F-1 single columns, then the combinations) on (X, y)."""
+WINDOW = "window"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What step 2 chose: candidate ``index`` (0..F-1 single columns, then the combinations), or
+    the window: the mean of the z-scored single columns ``columns`` (best CV AUC first)."""
+
+    index: int | None
+    columns: tuple[int, ...] = ()
+    name: str = ""
+
+    @property
+    def is_window(self) -> bool:
+        return self.index is None
+
+
+def _fit_window(columns: Sequence[int], X, names: Sequence[str], name: str) -> Procedure:
+    """The window's procedure on X: z-scoring of its columns (no weights); threshold not set yet."""
+    cols = [int(c) for c in columns]
+    c, s = _zscore_params(X[:, cols])
+    return Procedure(MEAN, name, cols, 0.0, center=c.tolist(), scale=s.tolist(), inputs=[names[j] for j in cols])
+
+
+def _fit(index, X, y, names: Sequence[str], cfg: SelectConfig, *, cut: bool = True, groups=None) -> Procedure:
+    """Fit ``index`` (a :class:`Choice`, or a candidate index: 0..F-1 single columns, then the
+    combinations) on (X, y)."""
     import numpy as np
 
     F = X.shape[1]
+    if isinstance(index, Choice):
+        if index.is_window:
+            # no fitted weights and columns fixed by the choice: the in-sample cut is a single's
+            proc = _fit_window(index.columns, X, names, index.name)
+            if cut:
+                proc.threshold, proc.train_kappa = kappa_cut(proc.score(X), y)
+            return proc
+        index = index.index
     if index < F:
         proc = Procedure(SINGLE, names[index], [index], 0.0)
         if cut:
@@ -473,7 +513,7 @@ def _check_groups(groups, n: int):
 
 def choose(X, y, names: Sequence[str], config: SelectConfig | None = None, *, with_kappa: bool = True,
            groups=None):
-    """Steps 1-2 on (X [N, F], y [N]) -> (candidate index, reason, [CandidateCV] in candidate order).
+    """Steps 1-2 on (X [N, F], y [N]) -> (:class:`Choice`, reason, [CandidateCV] in candidate order).
     ``groups`` int [N] or None: folds keep each group (near-duplicates) whole."""
     import numpy as np
 
@@ -502,16 +542,38 @@ def choose(X, y, names: Sequence[str], config: SelectConfig | None = None, *, wi
                   f"(CV AUC {mean[best]:.3f} vs {mean[idx]:.3f})")
     else:
         idx, reason = best, f"best mean CV AUC, more than {cfg.noise:g} SE above every single score"
+    choice = Choice(idx, (idx,) if idx < F else (), all_names[idx])
+    window = _window_columns(X, singles, mean) if cfg.window and idx < F else []
+    if len(window) >= 2:
+        choice = Choice(None, tuple(window), f"window({len(window)})")
+        reason = (f"mean of the {len(window)} single candidates within {cfg.noise:g} SE of the best "
+                  f"(CV AUC {mean[window[-1]]:.3f} to {mean[window[0]]:.3f}; best {all_names[best]})")
     cands = []
     for c in range(len(mean)):
         cands.append(CandidateCV(all_names[c], kinds[c], float(mean[c]), float(A[:, c].std(ddof=1)) if J > 1 else 0.0,
                                  float(K[:, c].mean()) if K is not None else None, float(se[c]), bool(within[c]), J))
-    return idx, reason, cands
+    return choice, reason, cands
 
 
-def fit_procedure(X, y, index: int, names: Sequence[str], config: SelectConfig | None = None,
+def _window_columns(X, singles: Sequence[int], mean) -> list[int]:
+    """The window's columns: ``singles`` by mean CV AUC (descending, then column), a column whose
+    values repeat an earlier one's left out (the same score twice would count double)."""
+    import numpy as np
+
+    order = sorted(singles, key=lambda c: (-round(float(mean[c]), 12), c))
+    out, seen = [], set()
+    for c in order:
+        key = np.ascontiguousarray(X[:, c]).tobytes()
+        if key not in seen:
+            seen.add(key)
+            out.append(int(c))
+    return out
+
+
+def fit_procedure(X, y, index, names: Sequence[str], config: SelectConfig | None = None,
                   groups=None) -> Procedure:
-    """Step 3: refit candidate ``index`` on all of (X, y), with its kappa-optimal cut."""
+    """Step 3: refit ``index`` (a :class:`Choice` from :func:`choose`, or a candidate index) on all
+    of (X, y), with its kappa-optimal cut."""
     cfg = (config or SelectConfig()).validate()
     X, y = _check_inputs(X, y, names)
     return _fit(index, X, y, names, cfg, groups=_check_groups(groups, len(y)))
@@ -571,7 +633,6 @@ def nested_cv(X, y, names: Sequence[str], config: SelectConfig | None = None, sp
     cfg = (config or SelectConfig()).validate()
     X, y = _check_inputs(X, y, names)
     groups = _check_groups(groups, len(y))
-    all_names = candidate_names(names, cfg)
     if splits is None:
         outer = _splitter(y, cfg.outer_folds, cfg.outer_repeats, cfg.seed + 1, groups)
         splits = list(outer.split(X, y))
@@ -594,7 +655,7 @@ def nested_cv(X, y, names: Sequence[str], config: SelectConfig | None = None, sp
             seen[te] += 1
         aucs.append(float(_auc_columns(y[te], s[:, None])[0]))
         kaps.append(_kappa(y[te], s >= proc.threshold))
-        chosen.append(all_names[idx])
+        chosen.append(idx.name)
         n_tr.append(len(tr))
         n_te.append(len(te))
     a_mean, a_ci = _corrected_ci(aucs, float(np.mean(n_tr)), float(np.mean(n_te)), bounds=(0.0, 1.0))
@@ -621,6 +682,7 @@ class Selection:
     config: SelectConfig
     n: int
     n_pos: int
+    choice: Choice | None = None  # what was chosen, for refitting the same procedure elsewhere
 
     def score(self, X):
         """float64 [M]: the chosen procedure's scores of X [M, F] (same columns as the dev X)."""
@@ -663,5 +725,5 @@ def select(X, y, names: Sequence[str], config: SelectConfig | None = None, *, ne
     idx, reason, cands = choose(X, y, names, cfg, groups=groups)
     proc = _fit(idx, X, y, names, cfg, groups=groups)
     est = nested_cv(X, y, names, cfg, groups=groups) if nested else None
-    return Selection(list(names), candidate_names(names, cfg)[idx], reason, proc, cands, est, cfg,
-                     int(len(y)), int(y.sum()))
+    return Selection(list(names), idx.name, reason, proc, cands, est, cfg,
+                     int(len(y)), int(y.sum()), idx)

@@ -82,7 +82,9 @@ def test_auto_chooses_the_informative_space_and_records_everything(spaces, tmp_p
                       calibrate=[spaces["pixels"]["dev"], spaces["test_resnet"]["dev"]], config=FAST)
     pred = res.prediction
     sel = pred.selection
-    assert sel["chosen"].startswith("pixels/") or sel["chosen"].startswith(("mean(", "stack("))
+    # one informative score, or the window of several (all of the informative space), or a combination
+    used = sel["procedure"].get("inputs") or [sel["chosen"]]
+    assert sel["chosen"].startswith(("mean(", "stack(")) or all(n.startswith("pixels/") for n in used), sel["reason"]
     names = [c["name"] for c in sel["candidates"]]
     assert any(n.startswith("test_resnet/") for n in names) and any(n.startswith("pixels/") for n in names)
     assert all("auc_mean" in c and "kappa_mean" in c for c in sel["candidates"])
@@ -230,7 +232,8 @@ def test_candidate_sources_are_pluggable(spaces):
         pred = predict_auto([spaces["pixels"]["test"]], [spaces["pixels"]["dev"]], config=FAST, attacks=["max_sim"])
         names = [c["name"] for c in pred.selection["candidates"]]
         assert "pixels/oracle" in names and "pixels/max_sim" in names
-        assert pred.selection["chosen"] in ("pixels/oracle", "pixels/max_sim")
+        assert pred.selection["chosen"] in ("pixels/oracle", "pixels/max_sim", "window(2)")
+        assert "pixels/oracle" in (pred.selection["procedure"].get("inputs") or [pred.selection["chosen"]])
         with pytest.raises(ValueError):
             register_candidate_source("oracle_test", oracle)
     finally:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ganprint.errors import GanprintError
-from ganprint.select import SelectConfig, choose, fit_procedure, nested_cv, select
+from ganprint.select import Choice, SelectConfig, choose, fit_procedure, nested_cv, select
 
 FAST = SelectConfig(folds=4, repeats=2, outer_folds=4, outer_repeats=1)
 
@@ -76,7 +76,7 @@ def test_nested_cv_never_sees_outer_test_labels():
     assert other.auc_folds[0] != base.auc_folds[0]
     idx_a, _, _ = choose(X[tr], y[tr], names, FAST, with_kappa=False)
     idx_b, _, _ = choose(X[tr], y2[tr], names, FAST, with_kappa=False)
-    assert idx_a == idx_b
+    assert idx_a == idx_b and isinstance(idx_a, Choice)
     assert fit_procedure(X[tr], y[tr], idx_a, names, FAST) == fit_procedure(X[tr], y2[tr], idx_b, names, FAST)
 
 
@@ -84,10 +84,39 @@ def test_combination_needs_to_beat_singles_beyond_noise():
     # two equally informative independent columns: the mean beats each single clearly
     X, y, names = _data(300, seed=4, strengths=(0.8, 0.8, 0.8, 0.8))
     idx, reason, cands = choose(X, y, names, FAST)
-    assert cands[idx].kind in ("mean", "stack"), reason
-    # with a huge noise allowance the best single wins
-    idx2, reason2, _ = choose(X, y, names, SelectConfig(folds=4, repeats=2, noise=100.0))
-    assert idx2 < 4 and "single" in reason2
+    assert not idx.is_window and cands[idx.index].kind in ("mean", "stack"), reason
+    # with a huge noise allowance the best single wins (without the window) ...
+    idx2, reason2, _ = choose(X, y, names, SelectConfig(folds=4, repeats=2, noise=100.0, window=False))
+    assert idx2.index < 4 and "single" in reason2
+    # ... and with it, every single is within noise: their mean
+    idx3, reason3, c3 = choose(X, y, names, SelectConfig(folds=4, repeats=2, noise=100.0))
+    assert idx3.is_window and sorted(idx3.columns) == [0, 1, 2, 3] and idx3.name == "window(4)", reason3
+    aucs = {c.name: c.auc_mean for c in c3}
+    assert [aucs[names[j]] for j in idx3.columns] == sorted(aucs[n] for n in names)[::-1]  # best first
+
+
+def test_window_averages_the_candidates_within_noise_once_each():
+    """Occam's window: columns within noise of the best are averaged as z-scores, a repeated
+    column counts once, and a column far below the best stays out."""
+    rng = np.random.default_rng(11)
+    n = 160
+    y = np.r_[np.ones(n // 2), np.zeros(n // 2)].astype(int)
+    a = rng.standard_normal(n) + 0.9 * y
+    b = a + 0.3 * rng.standard_normal(n)  # a second view of the same evidence: no combination beats them
+    X = np.column_stack([a, b, a.copy(), rng.standard_normal(n) - 0.5 * y])  # c2 repeats c0, c3 is anti
+    names = ["a", "b", "a_again", "anti"]
+    cfg = SelectConfig(folds=4, repeats=2, noise=3.0)
+    sel = select(X, y, names, cfg, nested=False)
+    assert sel.choice.is_window and set(sel.choice.columns) == {0, 1}, sel.reason
+    proc = sel.procedure
+    assert proc.kind == "mean" and sorted(proc.inputs) == ["a", "b"]
+    z = (X[:, proc.columns] - proc.center) / proc.scale
+    np.testing.assert_allclose(sel.score(X), z.mean(1))
+    assert "within 3 SE" in sel.reason and sel.chosen == "window(2)"
+    # the same procedure refits on other data with the same columns
+    half = np.r_[0:40, 80:120]
+    part = fit_procedure(X[half], y[half], sel.choice, names, cfg)
+    assert part.columns == proc.columns and part.center != proc.center
 
 
 def test_bad_inputs():

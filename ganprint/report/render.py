@@ -176,8 +176,10 @@ def _copies_sentence(dc: dict) -> str:
 
 def _selection_html(sel: dict) -> str:
     rows = []
+    # the window (ganprint.select) averages several candidates: every one of them is marked
+    chosen = set((sel.get("procedure") or {}).get("inputs") or [sel["chosen"]])
     for r in sorted(sel["candidates"], key=lambda r: -(r["cv_auc"] if r["cv_auc"] == r["cv_auc"] else -1)):
-        cls = ' class="chosen"' if r["name"] == sel["chosen"] else ""
+        cls = ' class="chosen"' if r["name"] in chosen else ""
         rows.append(f'<tr{cls}><td>{_e(r["name"])}</td><td data-v="{r["cv_auc"]}">{_f(r["cv_auc"])}</td>'
                     f'<td>{_f(r.get("cv_auc_sd"))}</td><td>{_f(r.get("cv_kappa"))}</td><td>{_f(r.get("auc_all"))}</td>'
                     f'<td>{r.get("picked_in_folds", "—")}</td></tr>')

@@ -23,11 +23,14 @@ def test_audit_json_outputs_and_report_rerender(tmp_path):
     assert res.exit_code == 0, res.stderr
     s = json.loads(res.stdout)
     assert s["verdict"].startswith("data copying:") and s["copying"]  # every member is copied once
-    assert "; membership signal: AUC" in s["verdict"] and s["chosen"].startswith("pixels/")
+    assert "; membership signal: AUC" in s["verdict"]
     assert s["datacopy"]["copy_test"]["k"] == 12 and s["datacopy"]["memorisation"]["copies"] >= 12
     assert s["nested"]["auc"] > 0.8
     rep = json.loads((run / "report.json").read_text())
     assert any(c["name"].startswith("sift/") for c in rep["selection"]["candidates"])  # verification ran
+    # the chosen score, or the best of the window's scores, is a pixel one
+    proc = rep["selection"]["procedure"]
+    assert (proc.get("inputs") or [s["chosen"]])[0].startswith("pixels/"), rep["selection"]["reason"]
     for name in ("submission.csv", "scores.parquet", "report.json", "report.html", "figures/roc.png",
                  "figures/scores.png", "figures/pvalues.png"):
         assert (run / name).is_file(), name
