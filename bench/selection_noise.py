@@ -12,7 +12,12 @@ above 0.5: that maximum is what "best single row" measures when there is no sign
 - ``auto``: predict --attack auto's test AUC and its dev signal test (out-of-fold rank test p,
   ganprint.select); ``P0(auto >= max - 0.03)``: under permuted labels, the share of permutations in
   which auto's AUC reaches the maximum row's minus 0.03, i.e. how often the acceptance bar
-  "auto >= best - 0.03" can be met when there is nothing to select.
+  "auto >= best - 0.03" can be met when there is nothing to select;
+- ``auto, best candidate alone``: the same selection with Occam's window off
+  (``SelectConfig(window=False)``), on the same artifacts.
+
+Per regime x generator it prints the means over the runs, and the best fixed row over the
+generalize runs (the best any choice blind to the dev labels could have done, chosen on the test labels).
 
     python bench/selection_noise.py bench/out/auto/generalize-*          # runs of quality.py --auto
     python bench/selection_noise.py bench/out/auto/* --perms 2000 --out bench/out/auto/noise.json
@@ -80,6 +85,9 @@ def analyse(run: Path, perms: int, seed: int, bar: float = 0.03) -> dict:
     pred = predict_auto(tests, devs, config=SelectConfig(seed=run_seed))
     ids = [i for i in pred.image_ids if i in truth]
     auto = np.asarray(pred.scores, dtype=np.float64)[[pred.image_ids.index(i) for i in ids]]
+    # the same selection without Occam's window: the best candidate alone
+    alone = predict_auto(tests, devs, config=SelectConfig(seed=run_seed, window=False), nested=False)
+    auto_alone = np.asarray(alone.scores, dtype=np.float64)[[alone.image_ids.index(i) for i in ids]]
     spaces, test_ids, _ = load_spaces(tests, devs)
     cands, _ = collect(spaces)
     names, S = single_rows(cands, test_ids, ids)
@@ -105,12 +113,20 @@ def analyse(run: Path, perms: int, seed: int, bar: float = 0.03) -> dict:
         "perm_max_mean": float(mx.mean()), "perm_max_q95": float(np.quantile(mx, 0.95)),
         "p_best_vs_perm_max": float((1 + (mx >= obs[best]).sum()) / (1 + perms)),
         "auto_choice": pred.selection["chosen"], "auto_auc": a_auto,
+        "alone_choice": alone.selection["chosen"], "alone_auc": float(_auc_columns(y, auto_alone[:, None])[0]),
         "nested_auc": nest.get("auc_mean"), "nested_auc_ci": nest.get("auc_ci"), "signal_p": nest.get("signal_p"),
         "auto_ok_best": bool(a_auto >= obs[best] - bar),
         "p0_auto_meets_bar": float(np.mean(au >= mx - bar)), "p0_mean_max_minus_auto": float(np.mean(mx - au)),
         "perms": perms, "seed": seed, "bar": bar,
         "row_aucs": {n: float(a) for n, a in zip(names, obs)},
     }
+
+
+def _by_regime(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["run"].rsplit("-s", 1)[0], []).append(r)
+    return out
 
 
 def _best_fixed_row(rows: list[dict]) -> dict | None:
@@ -132,12 +148,13 @@ def markdown(rows: list[dict]) -> str:
     from quality import num as f
 
     out = ["| run | rows | best single row (test AUC) | median | max over rows, permuted labels: mean [95%] | p (best vs permuted max) "
-           "| auto test AUC | dev signal p | auto ≥ best − 0.03 | P₀(auto ≥ max − 0.03) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| auto test AUC | auto, best candidate alone | dev signal p | auto ≥ best − 0.03 | P₀(auto ≥ max − 0.03) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['run']} | {r['rows']} | {r['best_single']} ({f(r['best_single_auc'])}) | {f(r['median_auc'])} | "
                    f"{f(r['perm_max_mean'])} [{f(r['perm_max_q95'])}] | {r['p_best_vs_perm_max']:.3g} | {f(r['auto_auc'])} | "
-                   f"{r['signal_p']:.2g} | {'yes' if r['auto_ok_best'] else 'no'} | {f(r['p0_auto_meets_bar'], 2)} |")
+                   f"{f(r.get('alone_auc'))} | {r['signal_p']:.2g} | {'yes' if r['auto_ok_best'] else 'no'} | "
+                   f"{f(r['p0_auto_meets_bar'], 2)} |")
     return "\n".join(out)
 
 
@@ -148,6 +165,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the results (default: print only)")
     args = ap.parse_args()
+    import numpy as np
+
     rows = []
     for run in args.runs:
         if not (run / "work").is_dir():
@@ -156,9 +175,14 @@ def main() -> int:
         print(json.dumps(r), file=sys.stderr, flush=True)
         rows.append(r)
     print(markdown(rows))
-    fixed = _best_fixed_row(rows)
+    for key, rs in _by_regime(rows).items():
+        m = {k: float(np.mean([r[k] for r in rs])) for k in ("best_single_auc", "auto_auc", "alone_auc")}
+        print(f"{key}: {len(rs)} runs, mean best single row {m['best_single_auc']:.3f}, auto {m['auto_auc']:.3f} "
+              f"(≥ best − 0.03: {'yes' if m['auto_auc'] >= m['best_single_auc'] - 0.03 else 'no'}), "
+              f"best candidate alone {m['alone_auc']:.3f}")
+    fixed = _best_fixed_row([r for r in rows if r["run"].startswith("generalize")])
     if fixed:
-        print(f"\nbest fixed row over these runs (chosen on their test labels): {fixed['name']}, mean test AUC "
+        print(f"\nbest fixed row over the generalize runs (chosen on their test labels): {fixed['name']}, mean test AUC "
               f"{fixed['mean_auc']:.3f}; mean best single row {fixed['mean_best']:.3f}; mean auto {fixed['mean_auto']:.3f}")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
