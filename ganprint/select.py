@@ -370,9 +370,6 @@ def candidate_names(names: Sequence[str], cfg: SelectConfig) -> list[str]:
     return list(names) + [n for _, n in _combos(len(names), cfg)]
 
 
-WINDOW = "window"
-
-
 @dataclass(frozen=True)
 class Choice:
     """What step 2 chose: candidate ``index`` (0..F-1 single columns, then the combinations), or
