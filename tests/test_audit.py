@@ -135,13 +135,13 @@ def _grouped_null_scores(seed, n_pat=30, per=4, cands=3):
 
 def test_group_level_rank_test_is_calibrated_where_the_image_level_one_is_not():
     """Near-duplicates of one patient fool a rank test over images, not one over groups."""
-    from ganprint.select import oof_rank_pvalue as _oof_pvalue
+    from ganprint.select import oof_rank_pvalue
 
     p_img, p_grp = [], []
     for seed in range(300):
         S, y, pid = _grouped_null_scores(seed, per=6, cands=1)
-        p_img.append(_oof_pvalue(y, S[0]))
-        p_grp.append(_oof_pvalue(y, S[0], pid))
+        p_img.append(oof_rank_pvalue(y, S[0]))
+        p_grp.append(oof_rank_pvalue(y, S[0], pid))
     assert np.mean(np.array(p_img) < 0.05) > 0.15  # ~0.25 in theory: n counted 6 times
     assert np.mean(np.array(p_grp) < 0.05) < 0.09
     assert kstest(p_grp, "uniform").pvalue > 0.01
